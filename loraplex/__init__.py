@@ -1,0 +1,1 @@
+"""loraplex: a multi-LoRA LLM server."""

@@ -1,0 +1,75 @@
+"""Attention over the paged KV cache: packed ragged prefill and one-token-per-sequence decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shard.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class AttentionInput:
+    """Where a forward pass's tokens sit: built once per step, shared by every layer.
+
+    Tokens are packed (sequence after sequence).  Prefill pads them into ``[batch, max_len]`` through
+    ``pad_index`` (None when every sequence has the same length, so a view suffices); decode reads each
+    sequence's blocks through ``block_tables`` and masks keys past ``context_lens``.
+    """
+
+    is_prefill: bool
+    positions: torch.Tensor  # [T]
+    slot_blocks: torch.Tensor  # [T] block of each new token
+    slot_offsets: torch.Tensor  # [T] offset of each new token inside its block
+    seq_lens: tuple[int, ...]  # new tokens per sequence
+    pad_index: torch.Tensor | None = None  # prefill: position of each packed token in [batch * max_len]
+    block_tables: torch.Tensor | None = None  # decode: [batch, max_blocks]
+    key_mask: torch.Tensor | None = None  # decode: [batch, 1, 1, max_blocks * block_size], True = attend
+    sliding_window: int | None = None
+
+    @property
+    def max_len(self) -> int:
+        return max(self.seq_lens)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: KVCache, meta: AttentionInput
+) -> torch.Tensor:
+    """Store this step's k/v in the cache and attend; q [T, heads, dim] → [T, heads * dim]."""
+    cache.write(layer, meta.slot_blocks, meta.slot_offsets, k, v)
+    out = _prefill(q, k, v, meta) if meta.is_prefill else _decode(q, layer, cache, meta)
+    return out.reshape(q.shape[0], -1)
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionInput) -> torch.Tensor:
+    batch, length = len(meta.seq_lens), meta.max_len
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        if meta.pad_index is None:
+            return x.view(batch, length, x.shape[1], x.shape[2]).transpose(1, 2)
+        padded = x.new_zeros(batch * length, x.shape[1], x.shape[2])
+        padded[meta.pad_index] = x
+        return padded.view(batch, length, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    mask = None
+    if meta.sliding_window is not None and length > meta.sliding_window:
+        i = torch.arange(length, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - meta.sliding_window)
+    # Sequences are right-padded, so the causal mask alone keeps real queries off padded keys.
+    out = F.scaled_dot_product_attention(
+        pad(q), pad(k), pad(v), attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    out = out.transpose(1, 2).reshape(batch * length, q.shape[1], q.shape[2])
+    return out if meta.pad_index is None else out[meta.pad_index]
+
+
+def _decode(q: torch.Tensor, layer: int, cache: KVCache, meta: AttentionInput) -> torch.Tensor:
+    assert meta.block_tables is not None and meta.key_mask is not None
+    keys, values = cache.gather(layer, meta.block_tables)
+    batch, kv_heads = keys.shape[:2]
+    # Query heads that share a KV head become that head's "query positions": no KV repetition needed.
+    grouped = q.view(batch, kv_heads, q.shape[1] // kv_heads, q.shape[2])
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.key_mask)
+    return out.reshape(batch, q.shape[1], q.shape[2])

@@ -1,0 +1,87 @@
+"""Paged KV cache: a block allocator that never touches tensors, and the per-layer block tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from shard.config import ModelConfig
+
+
+class KVCacheFull(RuntimeError):
+    """Not enough free KV blocks for the tokens asked for."""
+
+
+class BlockAllocator:
+    """Fixed-size KV blocks handed out by id and taken back the moment a sequence ends."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("the KV cache needs at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def grow(self, table: list[int], num_tokens: int) -> None:
+        """Extend a block table in place so that it holds ``num_tokens`` tokens."""
+        missing = self.blocks_for(num_tokens) - len(table)
+        if missing > len(self._free):
+            raise KVCacheFull(f"need {missing} more KV blocks, {len(self._free)} free")
+        for _ in range(missing):
+            table.append(self._free.pop())
+
+    def free(self, table: list[int]) -> None:
+        self._free.extend(reversed(table))
+        table.clear()
+
+
+class KVCache:
+    """Keys and values of every layer, laid out ``[kv_heads, num_blocks, block_size, head_dim]``.
+
+    Heads first, so that gathering a batch's blocks yields ``[kv_heads, batch, tokens, dim]``, which is
+    attention's layout after one cheap permute of the two leading dimensions.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        *,
+        num_kv_heads: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.block_size = block_size
+        shape = (config.num_layers, num_kv_heads, num_blocks, block_size, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def bytes_per_block(self) -> int:
+        per_layer = self.k[0, :, 0].numel() * self.k.element_size()
+        return 2 * per_layer * self.k.shape[0]
+
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` [T, kv_heads, dim] of T tokens at their (block, offset) slots."""
+        self.k[layer][:, blocks, offsets] = k.transpose(0, 1)
+        self.v[layer][:, blocks, offsets] = v.transpose(0, 1)
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a batch as ``[batch, kv_heads, blocks*block_size, dim]`` (padded tables)."""
+        batch, width = block_tables.shape
+        k = self.k[layer][:, block_tables].permute(1, 0, 2, 3, 4)
+        v = self.v[layer][:, block_tables].permute(1, 0, 2, 3, 4)
+        shape = (batch, k.shape[1], width * self.block_size, k.shape[-1])
+        return k.reshape(shape), v.reshape(shape)

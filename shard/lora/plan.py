@@ -1,0 +1,124 @@
+"""Per-batch LoRA plan: which rows use which adapter, with each site's weights stacked for one bmm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels.reference import gather_rows, sgmv_expand, sgmv_shrink
+from kernels.segments import SegmentLayout, segment_layout
+from shard.config import ModelConfig
+from shard.lora.adapter import LoraAdapter
+
+# Where LoRA is applied in a layer: projections that share an input share one shrink.
+SITES: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+def _output_offsets(config: ModelConfig) -> dict[str, int]:
+    """Column where each projection starts in its site's fused base output."""
+    return {
+        "q_proj": 0,
+        "k_proj": config.q_size,
+        "v_proj": config.q_size + config.kv_size,
+        "o_proj": 0,
+        "gate_proj": 0,
+        "up_proj": config.intermediate_size,
+        "down_proj": 0,
+    }
+
+
+def _rank_bucket(rank: int) -> int:
+    """Adapters of similar rank share a group: padding is then under 2x, and groups stay few."""
+    return 1 << (rank - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class _Expand:
+    b: torch.Tensor  # [num_layers, chunks, rank, out]
+    v_cols: slice
+    y_cols: slice
+
+
+@dataclass(frozen=True)
+class _Group:
+    layout: SegmentLayout
+    a: torch.Tensor  # [num_layers, chunks, in, sum of ranks of the site's projections]
+    expands: tuple[_Expand, ...]
+
+
+class LoraBatch:
+    """LoRA work of one batch, prepared once and reused by every decode step of that batch.
+
+    Stacking copies each adapter's weights once per batch composition; in exchange every layer then
+    runs a fixed number of batched matmuls per site, however many distinct adapters the batch holds.
+    """
+
+    def __init__(self, row_adapters: Sequence[LoraAdapter | None], config: ModelConfig) -> None:
+        self.row_adapters = tuple(row_adapters)
+        offsets = _output_offsets(config)
+        self._sites: dict[str, list[_Group]] = {}
+        for site, projs in SITES.items():
+            self._sites[site] = self._build_site(projs, offsets)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self._sites.values())
+
+    def _build_site(self, projs: tuple[str, ...], offsets: dict[str, int]) -> list[_Group]:
+        buckets: dict[int, dict[int, LoraAdapter]] = {}
+        for adapter in self.row_adapters:
+            if adapter is None:
+                continue
+            ranks = [adapter.projections[p].rank for p in projs if p in adapter.projections]
+            if ranks:
+                buckets.setdefault(_rank_bucket(max(ranks)), {})[id(adapter)] = adapter
+        groups = []
+        for members in buckets.values():
+            keys = [id(a) if a is not None and id(a) in members else -1 for a in self.row_adapters]
+            dense = {key: index for index, key in enumerate(members)}
+            layout = segment_layout([dense[k] if k >= 0 else -1 for k in keys])
+            groups.append(self._stack(layout, list(members.values()), projs, offsets))
+        return groups
+
+    @staticmethod
+    def _stack(
+        layout: SegmentLayout, members: list[LoraAdapter], projs: tuple[str, ...], offsets: dict[str, int]
+    ) -> _Group:
+        present = [p for p in projs if any(p in m.projections for m in members)]
+        ranks = {p: max(m.projections[p].rank for m in members if p in m.projections) for p in present}
+        sample = {p: next(m.projections[p] for m in members if p in m.projections) for p in present}
+        num_layers, in_features = next(iter(sample.values())).a.shape[:2]
+        like = next(iter(sample.values())).a
+        chunks = layout.num_chunks
+        a = like.new_zeros(num_layers, chunks, in_features, sum(ranks.values()))
+        bs = {p: like.new_zeros(num_layers, chunks, ranks[p], sample[p].b.shape[-1]) for p in present}
+        for chunk, key in enumerate(layout.chunk_keys):
+            weights = members[key].projections
+            col = 0
+            for p in present:
+                if p in weights:
+                    r = weights[p].rank
+                    a[:, chunk, :, col : col + r] = weights[p].a
+                    bs[p][:, chunk, :r, :] = weights[p].b
+                col += ranks[p]
+        expands = []
+        col = 0
+        for p in present:
+            out = sample[p].b.shape[-1]
+            expands.append(_Expand(bs[p], slice(col, col + ranks[p]), slice(offsets[p], offsets[p] + out)))
+            col += ranks[p]
+        return _Group(layout, a, tuple(expands))
+
+    def apply(self, site: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add every row's LoRA delta for ``site`` at ``layer`` into the fused base output ``y``."""
+        for group in self._sites[site]:
+            v = sgmv_shrink(gather_rows(x, group.layout), group.a[layer])
+            for ex in group.expands:
+                sgmv_expand(y[:, ex.y_cols], v[..., ex.v_cols], ex.b[layer], group.layout)

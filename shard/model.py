@@ -1,0 +1,138 @@
+"""The one model file: Llama, Mistral and Qwen2 are the same network, driven by ``ModelConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shard.attention import AttentionInput, attention
+from shard.checkpoint import TensorReader
+from shard.config import ModelConfig
+from shard.kv_cache import KVCache
+from shard.layers import Rotary, rms_norm
+from shard.lora.plan import LoraBatch
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # q, k and v stacked on the output dim: one matmul for all three
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # gate and up stacked on the output dim
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+class CausalLM:
+    """Weights plus a forward pass over packed tokens; holds no per-request state."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        embed: torch.Tensor,
+        layers: list[LayerWeights],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.dtype = dtype
+        self.device = embed.device
+        self.rotary = Rotary(config, dtype, embed.device)
+
+    @classmethod
+    def load(cls, directory: Path, config: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> CausalLM:
+        """Read a HF Llama-family checkpoint (safetensors) into the fused layout."""
+
+        def t(reader: TensorReader, name: str) -> torch.Tensor:
+            return reader.get(name).to(device=device, dtype=dtype)
+
+        def optional(reader: TensorReader, names: list[str]) -> torch.Tensor | None:
+            if not all(n in reader for n in names):
+                return None
+            return torch.cat([t(reader, n) for n in names])
+
+        with TensorReader(directory) as reader:
+            layers = []
+            for i in range(config.num_layers):
+                p = f"model.layers.{i}."
+                attn, mlp = p + "self_attn.", p + "mlp."
+                layers.append(
+                    LayerWeights(
+                        input_norm=t(reader, p + "input_layernorm.weight"),
+                        qkv=torch.cat([t(reader, f"{attn}{x}_proj.weight") for x in "qkv"]),
+                        qkv_bias=optional(reader, [f"{attn}{x}_proj.bias" for x in "qkv"]),
+                        o=t(reader, attn + "o_proj.weight"),
+                        post_norm=t(reader, p + "post_attention_layernorm.weight"),
+                        gate_up=torch.cat([t(reader, mlp + "gate_proj.weight"), t(reader, mlp + "up_proj.weight")]),
+                        gate_up_bias=optional(reader, [mlp + "gate_proj.bias", mlp + "up_proj.bias"]),
+                        down=t(reader, mlp + "down_proj.weight"),
+                        down_bias=optional(reader, [mlp + "down_proj.bias"]),
+                    )
+                )
+            embed = t(reader, "model.embed_tokens.weight")
+            tied = config.tie_word_embeddings or "lm_head.weight" not in reader
+            lm_head = embed if tied else t(reader, "lm_head.weight")
+            norm = t(reader, "model.norm.weight")
+        return cls(config, embed, layers, norm, lm_head, dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        seen: dict[int, int] = {}
+        for tensor in [self.embed, self.norm, self.lm_head]:
+            seen[tensor.data_ptr()] = tensor.nbytes
+        for layer in self.layers:
+            for tensor in vars(layer).values():
+                if tensor is not None:
+                    seen[tensor.data_ptr()] = tensor.nbytes
+        return sum(seen.values())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionInput,
+        cache: KVCache,
+        lora: LoraBatch | None = None,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits of the rows ``logits_rows`` of the packed tokens (all rows when None)."""
+        cfg = self.config
+        x = F.embedding(input_ids, self.embed)
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            if lora is not None:
+                lora.apply("qkv", i, h, qkv)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q, k = self.rotary(
+                q.reshape(-1, cfg.num_heads, cfg.head_dim), k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), meta.positions
+            )
+            a = attention(q, k, v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), i, cache, meta)
+            o = F.linear(a, w.o)
+            if lora is not None:
+                lora.apply("o", i, a, o)
+            x = x + o
+            h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
+            gate_up = F.linear(h, w.gate_up, w.gate_up_bias)
+            if lora is not None:
+                lora.apply("gate_up", i, h, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = F.linear(act, w.down, w.down_bias)
+            if lora is not None:
+                lora.apply("down", i, act, down)
+            x = x + down
+        if logits_rows is not None:
+            x = x[logits_rows]
+        x = rms_norm(x, self.norm, cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

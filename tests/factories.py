@@ -1,0 +1,125 @@
+"""Builders for the tests: tiny random checkpoints of each architecture and PEFT adapters for them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+TINY: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama_tied_linear": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        vocab_size=96,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+        max_position_embeddings=256,
+        sliding_window=None,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=120,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def tiny_model(directory: Path, kind: str = "llama", seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """Save a random tiny checkpoint of ``kind`` in ``directory``; returns the transformers model (float32)."""
+    spec = {**TINY[kind], **overrides}
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, initializer_range=0.08, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    if kind == "qwen2":
+        with torch.no_grad():  # random biases, so that a missing bias would show
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def make_adapter(base: PreTrainedModel, directory: Path, seed: int = 0, **lora: Any) -> Path:
+    """Save a PEFT LoRA adapter with random (non-zero) A and B for ``base`` in ``directory``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, **lora)
+    peft_model = get_peft_model(_fresh_copy(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+def _fresh_copy(model: PreTrainedModel) -> PreTrainedModel:
+    copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, attn_implementation="eager")
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def peft_model(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """``base`` with the adapter at ``adapter_dir`` applied by PEFT itself: the oracle."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_fresh_copy(base), str(adapter_dir)).eval()
+
+
+@torch.no_grad()
+def hf_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation by full forward passes: no cache, nothing clever, the reference."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]

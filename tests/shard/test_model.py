@@ -1,0 +1,82 @@
+"""The shard's model against transformers' own: logits of ragged prefill and incremental decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard.runner import Sequence, build_runner
+from tests.factories import TINY, tiny_model
+
+LENGTHS = [5, 17, 1, 9]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_logits_match_transformers_prefill_and_decode(tmp_path: Path, kind: str) -> None:
+    hf = tiny_model(tmp_path, kind)
+    runner = build_runner(tmp_path, kv_blocks=64, block_size=4)
+    gen = torch.Generator().manual_seed(1)
+    vocab = hf.config.vocab_size
+    seqs = [Sequence(i, torch.randint(vocab, (n,), generator=gen).tolist()) for i, n in enumerate(LENGTHS)]
+
+    packed = runner.prefill(seqs, all_logits=True)
+    start = 0
+    with torch.no_grad():
+        for s in seqs:
+            ref = hf(input_ids=torch.tensor([s.token_ids])).logits[0]
+            ours = packed[start : start + len(s.token_ids)]
+            start += len(s.token_ids)
+            assert rel_err(ours, ref) < 1e-4
+
+        for _ in range(6):  # crosses block boundaries (block_size 4)
+            for s in seqs:
+                s.token_ids.append(int(torch.randint(vocab, (1,), generator=gen)))
+            logits = runner.decode(seqs)
+            for row, s in enumerate(seqs):
+                ref = hf(input_ids=torch.tensor([s.token_ids])).logits[0, -1]
+                assert rel_err(logits[row], ref) < 1e-4
+
+
+def test_blocks_return_when_sequences_end(tmp_path: Path) -> None:
+    tiny_model(tmp_path, "llama")
+    runner = build_runner(tmp_path, kv_blocks=16, block_size=4)
+    alloc = runner.cache.allocator
+    seqs = [Sequence(i, list(range(1, 1 + n))) for i, n in enumerate([3, 8, 5])]
+    runner.prefill(seqs)
+    assert alloc.num_used == 1 + 2 + 2
+    for s in seqs:
+        s.token_ids.append(7)
+    runner.decode(seqs)
+    assert alloc.num_used == 1 + 3 + 2  # only the 8-token sequence crossed into a new block
+    runner.release(seqs[1])
+    assert alloc.num_used == 3 and seqs[1].blocks == []
+    for s in (seqs[0], seqs[2]):
+        runner.release(s)
+    assert alloc.num_used == 0
+
+
+def test_kv_cache_full_is_a_clear_error_and_changes_nothing(tmp_path: Path) -> None:
+    from shard.kv_cache import KVCacheFull
+
+    tiny_model(tmp_path, "llama")
+    runner = build_runner(tmp_path, kv_blocks=2, block_size=4)
+    with pytest.raises(KVCacheFull, match="KV blocks"):
+        runner.prefill([Sequence(0, list(range(12)))])
+    assert runner.cache.allocator.num_used == 0
+
+
+def test_bfloat16_runs_close_to_float32(tmp_path: Path) -> None:
+    tiny_model(tmp_path, "qwen2")
+    f32 = build_runner(tmp_path, kv_blocks=16, block_size=4)
+    bf16 = build_runner(tmp_path, dtype=torch.bfloat16, kv_blocks=16, block_size=4)
+    ids = list(range(3, 20))
+    a = f32.prefill([Sequence(0, ids)])
+    b = bf16.prefill([Sequence(0, ids)])
+    assert b.dtype == torch.float32  # logits are always returned in float32
+    assert rel_err(b, a) < 5e-2
