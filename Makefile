@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 
 run: install
 	$(BIN)/loraplex-convert-embedded
+	$(BIN)/loraplex-generate "What is the capital of France?"
 
 lint: install
 	$(BIN)/ruff check shard kernels loraplex tests benchmarks

@@ -35,7 +35,9 @@ def resolve_model_dir(model_id: str) -> Path:
             )
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"model {model_id!r} is neither a local directory nor reachable on the hub: {exc}") from exc
+        raise CheckpointError(
+            f"model {model_id!r} is neither a local directory nor reachable on the hub: {exc}"
+        ) from exc
 
 
 def safetensors_files(directory: Path) -> list[Path]:

@@ -126,8 +126,6 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         scaling = dict(raw.get("rope_scaling") or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelConfigError(
-            f"unsupported rope scaling {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+        raise ModelConfigError(f"unsupported rope scaling {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     scaling["rope_type"] = rope_type
     return theta, scaling

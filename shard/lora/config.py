@@ -20,7 +20,14 @@ PROJECTIONS: dict[str, str] = {
     "down_proj": "mlp",
 }
 # Modules that exist in the architecture but that a LoRA adapter may not target here.
-_OTHER_MODULES = ("embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm", "rotary_emb")
+_OTHER_MODULES = (
+    "embed_tokens",
+    "lm_head",
+    "norm",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "rotary_emb",
+)
 
 
 class AdapterError(ValueError):

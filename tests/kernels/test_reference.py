@@ -33,9 +33,7 @@ def test_sgmv_equals_naive_loop(mix: str, rows: int) -> None:
     h_in, h_out = 40, 24
     ranks = {k: [1, 3, 8, 16, 5][k % 5] for k in set(keys) if k >= 0}
     r_max = max(ranks.values(), default=1)
-    weights = {
-        k: (torch.randn(h_in, r, generator=gen), torch.randn(r, h_out, generator=gen)) for k, r in ranks.items()
-    }
+    weights = {k: (torch.randn(h_in, r, generator=gen), torch.randn(r, h_out, generator=gen)) for k, r in ranks.items()}
     x = torch.randn(rows, h_in, generator=gen)
     y0 = torch.randn(rows, h_out, generator=gen)
     layout = segment_layout(keys)

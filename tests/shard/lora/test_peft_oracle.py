@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,9 +35,7 @@ NEW_TOKENS = 12
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("peft")
     base = tiny_model(root / "base", "llama")
-    dirs = {
-        name: make_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())
-    }
+    dirs = {name: make_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
     runner = build_runner(root / "base", kv_blocks=256, block_size=8)
     store = AdapterStore(runner.model.config, dtype=torch.float32)
     for name, d in dirs.items():
@@ -80,8 +77,9 @@ def test_mixed_batch_rows_equal_their_solo_results(world: dict[str, Any]) -> Non
     requests = []
     for i in range(16):
         name = names[i % len(names)]
-        prompt = torch.randint(world["base"].config.vocab_size, (int(torch.randint(1, 14, (1,), generator=gen)),),
-                               generator=gen).tolist()
+        prompt = torch.randint(
+            world["base"].config.vocab_size, (int(torch.randint(1, 14, (1,), generator=gen)),), generator=gen
+        ).tolist()
         requests.append((prompt, store.get(name) if name else None))
     mixed = runner.generate_greedy(requests, NEW_TOKENS)
     solo = [runner.generate_greedy([r], NEW_TOKENS)[0] for r in requests]

@@ -1,0 +1,125 @@
+"""Decode-step cost of LoRA on SmolLM2: base vs 64 distinct adapters, side by side, against the bandwidth floor.
+
+Run: ``.venv/bin/python benchmarks/decode_step.py [--dtype bfloat16] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.synthetic_adapters import ALL_PROJECTIONS, ATTENTION, write_adapter
+from shard.embedded import embedded_model_dir
+from shard.lora.adapter import LoraAdapter
+from shard.lora.store import AdapterStore
+from shard.runner import ModelRunner, Sequence, build_runner, parse_dtype
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best bytes/s of summing a large tensor: how fast this machine streams memory into the cores."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best
+
+
+def make_batch(runner: ModelRunner, adapters: list[LoraAdapter | None], prompt_len: int, seed: int) -> list[Sequence]:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = runner.model.config.vocab_size
+    seqs = [Sequence(i, torch.randint(vocab, (prompt_len,), generator=gen).tolist(), a) for i, a in enumerate(adapters)]
+    logits = runner.prefill(seqs)
+    for s, t in zip(seqs, logits.argmax(-1).tolist(), strict=True):
+        s.token_ids.append(t)
+    return seqs
+
+
+def step(runner: ModelRunner, seqs: list[Sequence]) -> float:
+    start = time.perf_counter()
+    logits = runner.decode(seqs)
+    elapsed = time.perf_counter() - start
+    for s, t in zip(seqs, logits.argmax(-1).tolist(), strict=True):
+        s.token_ids.append(t)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype, "cpu")
+
+    model_dir = embedded_model_dir()
+    tokens = args.batch * (args.prompt_len + args.steps + 4)
+    runner = build_runner(model_dir, dtype=dtype, kv_blocks=3 * (tokens // 16 + args.batch), block_size=16)
+    config = runner.model.config
+    store = AdapterStore(config, dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.batch):
+            store.load(f"attn-{i}", write_adapter(Path(tmp) / f"a{i}", config, 8, ATTENTION, seed=i))
+            store.load(f"all-{i}", write_adapter(Path(tmp) / f"c{i}", config, 16, ALL_PROJECTIONS, seed=1000 + i))
+    cases = {
+        "a: base only": [None] * args.batch,
+        "b: 64 x r8 q/k/v/o": [store.get(f"attn-{i}") for i in range(args.batch)],
+        "c: 64 x r16 all 7": [store.get(f"all-{i}") for i in range(args.batch)],
+    }
+    adapter_bytes = {name: sum(a.memory_bytes for a in adapters if a is not None) for name, adapters in cases.items()}
+    batches = {name: make_batch(runner, adapters, args.prompt_len, seed=7) for name, adapters in cases.items()}
+    runners = {name: ModelRunner(runner.model, runner.cache) for name in cases}  # one plan cache per batch
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(args.steps + 2):
+        for name in cases:  # interleaved, so that machine noise hits every case alike
+            t = step(runners[name], batches[name])
+            if i >= 2:
+                times[name].append(t)
+    bandwidth = read_bandwidth()
+    base = statistics.median(times["a: base only"])
+    rows = []
+    for name in cases:
+        t = statistics.median(times[name])
+        floor = (base + adapter_bytes[name] / bandwidth) / base
+        rows.append(
+            dict(
+                case=name,
+                step_ms=t * 1e3,
+                ratio=t / base,
+                floor=floor,
+                vs_floor=(t / base) / floor,
+                adapter_mb=adapter_bytes[name] / 1e6,
+            )
+        )
+    print(
+        f"\nSmolLM2-135M {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
+        f"{args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, median of {args.steps} steps"
+    )
+    print(f"{'case':<22}{'step ms':>10}{'x base':>9}{'floor':>8}{'/floor':>8}{'adapter MB/step':>17}")
+    for r in rows:
+        print(
+            f"{r['case']:<22}{r['step_ms']:>10.1f}{r['ratio']:>9.3f}{r['floor']:>8.3f}{r['vs_floor']:>8.3f}"
+            f"{r['adapter_mb']:>17.0f}"
+        )
+    print("targets: b/a <= 1.15; c within 1.2x of its floor")
+    if args.json:
+        args.json.write_text(json.dumps(dict(dtype=args.dtype, bandwidth=bandwidth, rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
