@@ -24,6 +24,7 @@ class AttentionInput:
     slot_blocks: torch.Tensor  # [T] block of each new token
     slot_offsets: torch.Tensor  # [T] offset of each new token inside its block
     seq_lens: tuple[int, ...]  # new tokens per sequence
+    max_position: int  # largest entry of positions, known on the host without a device sync
     pad_index: torch.Tensor | None = None  # prefill: position of each packed token in [batch * max_len]
     block_tables: torch.Tensor | None = None  # decode: [batch, max_blocks]
     key_mask: torch.Tensor | None = None  # decode: [batch, 1, 1, max_blocks * block_size], True = attend

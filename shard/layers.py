@@ -37,14 +37,14 @@ def _inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """Cos/sin tables for every position, grown on demand, applied in the activations' dtype."""
+    """Cos/sin tables for every position, grown on demand, in the activations' dtype."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
         self.inv_freq = _inv_freq(config).to(device)
         self.dtype = dtype
         self._cos = torch.empty(0, config.head_dim, dtype=dtype, device=device)
         self._sin = self._cos
-        self._grow(max(config.max_position_embeddings, 1))
+        self._grow(min(config.max_position_embeddings, 4096))
 
     def _grow(self, length: int) -> None:
         t = torch.arange(length, dtype=torch.int64, device=self.inv_freq.device).float()
@@ -52,16 +52,14 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` [T, heads, dim] and ``k`` [T, kv_heads, dim] to their token positions."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.shape[0]:
-            self._grow(needed)
-        cos = self._cos[positions].unsqueeze(1)
-        sin = self._sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin of each token's position, ``[T, 1, dim]``, computed once per forward pass."""
+        if max_position >= self._cos.shape[0]:
+            self._grow(max(2 * self._cos.shape[0], max_position + 1))
+        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, dim] by its tokens' position tables."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

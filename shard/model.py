@@ -12,7 +12,7 @@ from shard.attention import AttentionInput, attention
 from shard.checkpoint import TensorReader
 from shard.config import ModelConfig
 from shard.kv_cache import KVCache
-from shard.layers import Rotary, rms_norm
+from shard.layers import Rotary, apply_rotary, rms_norm
 from shard.lora.plan import LoraBatch
 
 
@@ -108,17 +108,15 @@ class CausalLM:
         """Float32 logits of the rows ``logits_rows`` of the packed tokens (all rows when None)."""
         cfg = self.config
         x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary.tables(meta.positions, meta.max_position)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, w.qkv, w.qkv_bias)
             if lora is not None:
                 lora.apply("qkv", i, h, qkv)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q, k = self.rotary(
-                q.reshape(-1, cfg.num_heads, cfg.head_dim),
-                k.reshape(-1, cfg.num_kv_heads, cfg.head_dim),
-                meta.positions,
-            )
+            q = apply_rotary(q.reshape(-1, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rotary(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             a = attention(q, k, v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), i, cache, meta)
             o = F.linear(a, w.o)
             if lora is not None:

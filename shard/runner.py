@@ -60,6 +60,7 @@ class ModelRunner:
             slot_blocks=blocks,
             slot_offsets=offsets,
             seq_lens=tuple(lens),
+            max_position=longest - 1,
             pad_index=pad_index.to(device) if pad_index is not None else None,
             sliding_window=self.model.config.sliding_window,
         )
@@ -94,6 +95,7 @@ class ModelRunner:
             slot_blocks=blocks,
             slot_offsets=offsets,
             seq_lens=(1,) * len(seqs),
+            max_position=max(positions),
             block_tables=tables,
             key_mask=mask[:, None, None, :],
         )

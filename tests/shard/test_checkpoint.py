@@ -18,7 +18,7 @@ from tests.factories import tiny_model
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ModelConfigError, match="GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2"):
+    with pytest.raises(ModelConfigError, match=r"GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2"):
         ModelConfig.from_dir(tmp_path)
 
 
