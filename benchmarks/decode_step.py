@@ -60,6 +60,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument(
+        "--lora-dtype", default="same", choices=["same", "float32"], help="dtype of the per-batch LoRA stacks"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -82,7 +85,8 @@ def main() -> int:
     }
     adapter_bytes = {name: sum(a.memory_bytes for a in adapters if a is not None) for name, adapters in cases.items()}
     batches = {name: make_batch(runner, adapters, args.prompt_len, seed=7) for name, adapters in cases.items()}
-    runners = {name: ModelRunner(runner.model, runner.cache) for name in cases}  # one plan cache per batch
+    lora_dtype = None if args.lora_dtype == "same" else parse_dtype(args.lora_dtype, "cpu")
+    runners = {name: ModelRunner(runner.model, runner.cache, lora_dtype) for name in cases}  # one plan cache per batch
     times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(args.steps + 2):
         for name in cases:  # interleaved, so that machine noise hits every case alike
@@ -107,7 +111,7 @@ def main() -> int:
         )
     print(
         f"\nSmolLM2-135M {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
-        f"{args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, median of {args.steps} steps"
+        f"LoRA stacks {args.lora_dtype}, {args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, median of {args.steps} steps"
     )
     print(f"{'case':<22}{'step ms':>10}{'x base':>9}{'floor':>8}{'/floor':>8}{'adapter MB/step':>17}")
     for r in rows:

@@ -23,8 +23,8 @@ def gather_rows(x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
 
 
 def sgmv_shrink(x_padded: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``v = x · A`` per chunk: ``[C, L, in] × [C, in, R] → [C, L, R]``."""
-    return torch.bmm(x_padded, a)
+    """``v = x · A`` per chunk: ``[C, L, in] × [C, in, R] → [C, L, R]``, in A's dtype."""
+    return torch.bmm(x_padded.to(a.dtype), a)
 
 
 def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, layout: SegmentLayout) -> None:
@@ -32,7 +32,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, layout: Segme
 
     ``y`` may be a column slice of a wider output (q, k and v share one fused projection output).
     """
-    out = torch.bmm(v, b).view(-1, b.shape[-1])
+    out = torch.bmm(v, b).view(-1, b.shape[-1]).to(y.dtype)
     if layout.identity:
         y.add_(out)
     else:

@@ -34,9 +34,11 @@ class Sequence:
 class ModelRunner:
     """Runs batches of sequences through the model; owns the KV cache and caches the LoRA plan."""
 
-    def __init__(self, model: CausalLM, cache: KVCache) -> None:
+    def __init__(self, model: CausalLM, cache: KVCache, lora_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.cache = cache
+        # dtype of the per-batch LoRA stacks (None: the adapters' own); see docs/architecture.md.
+        self.lora_dtype = lora_dtype
         self._plan_key: tuple[int, ...] | None = None
         self._plan: LoraBatch | None = None
 
@@ -131,7 +133,7 @@ class ModelRunner:
         key = tuple(id(a) for a in row_adapters)
         if cache and key == self._plan_key:
             return self._plan
-        plan = LoraBatch(row_adapters, self.model.config)
+        plan = LoraBatch(row_adapters, self.model.config, self.lora_dtype)
         if cache:
             self._plan_key, self._plan = key, plan
         return plan

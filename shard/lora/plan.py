@@ -60,8 +60,11 @@ class LoraBatch:
     runs a fixed number of batched matmuls per site, however many distinct adapters the batch holds.
     """
 
-    def __init__(self, row_adapters: Sequence[LoraAdapter | None], config: ModelConfig) -> None:
+    def __init__(
+        self, row_adapters: Sequence[LoraAdapter | None], config: ModelConfig, dtype: torch.dtype | None = None
+    ) -> None:
         self.row_adapters = tuple(row_adapters)
+        self.dtype = dtype
         offsets = _output_offsets(config)
         self._sites: dict[str, list[_Group]] = {}
         for site, projs in SITES.items():
@@ -84,12 +87,16 @@ class LoraBatch:
             keys = [id(a) if a is not None and id(a) in members else -1 for a in self.row_adapters]
             dense = {key: index for index, key in enumerate(members)}
             layout = segment_layout([dense[k] if k >= 0 else -1 for k in keys])
-            groups.append(self._stack(layout, list(members.values()), projs, offsets))
+            groups.append(self._stack(layout, list(members.values()), projs, offsets, self.dtype))
         return groups
 
     @staticmethod
     def _stack(
-        layout: SegmentLayout, members: list[LoraAdapter], projs: tuple[str, ...], offsets: dict[str, int]
+        layout: SegmentLayout,
+        members: list[LoraAdapter],
+        projs: tuple[str, ...],
+        offsets: dict[str, int],
+        dtype: torch.dtype | None,
     ) -> _Group:
         present = [p for p in projs if any(p in m.projections for m in members)]
         ranks = {p: max(m.projections[p].rank for m in members if p in m.projections) for p in present}
@@ -97,8 +104,9 @@ class LoraBatch:
         num_layers, in_features = next(iter(sample.values())).a.shape[:2]
         like = next(iter(sample.values())).a
         chunks = layout.num_chunks
-        a = like.new_zeros(num_layers, chunks, in_features, sum(ranks.values()))
-        bs = {p: like.new_zeros(num_layers, chunks, ranks[p], sample[p].b.shape[-1]) for p in present}
+        dtype = dtype or like.dtype
+        a = like.new_zeros(num_layers, chunks, in_features, sum(ranks.values()), dtype=dtype)
+        bs = {p: like.new_zeros(num_layers, chunks, ranks[p], sample[p].b.shape[-1], dtype=dtype) for p in present}
         for chunk, key in enumerate(layout.chunk_keys):
             weights = members[key].projections
             col = 0

@@ -1,0 +1,81 @@
+"""The per-batch LoRA plan: dtype of the stacks, reuse across decode steps, and adapters missing a site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard.lora.plan import LoraBatch
+from shard.lora.store import AdapterStore
+from shard.runner import ModelRunner, Sequence, build_runner
+from tests.factories import make_adapter, tiny_model
+
+
+def _logits(runner: ModelRunner, store: AdapterStore, names: list[str | None]) -> torch.Tensor:
+    seqs = [Sequence(i, [3 + i, 7, 11, 2 * i + 1], store.get(n) if n else None) for i, n in enumerate(names)]
+    out = runner.prefill(seqs, all_logits=True)
+    for s in seqs:
+        runner.release(s)
+    return out
+
+
+@pytest.mark.parametrize("lora_dtype", [None, torch.float32])
+def test_bfloat16_model_with_either_stack_dtype_tracks_float32(tmp_path: Path, lora_dtype: torch.dtype | None) -> None:
+    base = tiny_model(tmp_path / "base", "qwen2")
+    make_adapter(base, tmp_path / "a", r=8, lora_alpha=16, target_modules="all-linear")
+    make_adapter(base, tmp_path / "b", seed=1, r=2, lora_alpha=4, target_modules=["v_proj"])
+    f32 = build_runner(tmp_path / "base", kv_blocks=32, block_size=4)
+    bf16 = build_runner(tmp_path / "base", dtype=torch.bfloat16, kv_blocks=32, block_size=4)
+    bf16.lora_dtype = lora_dtype
+    stores = {}
+    for name, runner in (("f32", f32), ("bf16", bf16)):
+        stores[name] = AdapterStore(runner.model.config, dtype=runner.model.dtype)
+        for adapter in ("a", "b"):
+            stores[name].load(adapter, tmp_path / adapter)
+    names: list[str | None] = ["a", None, "b", "a"]
+    ref = _logits(f32, stores["f32"], names)
+    got = _logits(bf16, stores["bf16"], names)
+    assert float((got - ref).norm() / ref.norm()) < 5e-2
+    base_only = _logits(f32, stores["f32"], [None] * 4)
+    assert float((base_only - ref).norm() / ref.norm()) > 0.1  # the adapters matter at this tolerance
+
+
+def test_decode_reuses_the_plan_until_the_batch_changes(tmp_path: Path) -> None:
+    base = tiny_model(tmp_path / "base", "llama")
+    make_adapter(base, tmp_path / "a", r=4, target_modules=["q_proj"])
+    runner = build_runner(tmp_path / "base", kv_blocks=32, block_size=4)
+    store = AdapterStore(runner.model.config, dtype=torch.float32)
+    adapter = store.load("a", tmp_path / "a")
+    seqs = [Sequence(0, [1, 2, 3], adapter), Sequence(1, [4, 5], None)]
+    runner.prefill(seqs)
+    plans = []
+    for step in range(3):
+        for s in seqs:
+            s.token_ids.append(step + 1)
+        runner.decode(seqs)
+        plans.append(runner._plan)
+    assert plans[0] is plans[1] is plans[2]
+    runner.release(seqs[1])
+    seqs[0].token_ids.append(9)
+    runner.decode(seqs[:1])
+    assert runner._plan is not plans[0]
+
+
+def test_rows_whose_adapter_lacks_a_site_are_left_alone(tmp_path: Path) -> None:
+    base = tiny_model(tmp_path / "base", "llama")
+    make_adapter(base, tmp_path / "q", r=4, target_modules=["q_proj"])
+    runner = build_runner(tmp_path / "base", kv_blocks=8, block_size=4)
+    store = AdapterStore(runner.model.config, dtype=torch.float32)
+    plan = LoraBatch([store.load("q", tmp_path / "q"), None], runner.model.config)
+    x = torch.randn(2, 64)
+    y = torch.randn(2, 128)
+    before = y.clone()
+    plan.apply("gate_up", 0, x, y)  # the adapter has no MLP weights: nothing changes
+    assert torch.equal(y, before)
+    qkv = torch.randn(2, runner.model.config.q_size + 2 * runner.model.config.kv_size)
+    untouched = qkv.clone()
+    plan.apply("qkv", 0, x, qkv)
+    assert not torch.equal(qkv[0], untouched[0]) and torch.equal(qkv[1], untouched[1])
+    assert torch.equal(qkv[0, runner.model.config.q_size :], untouched[0, runner.model.config.q_size :])
