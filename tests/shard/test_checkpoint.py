@@ -79,3 +79,19 @@ def test_generate_cli_bad_model_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hub_id_resolves_from_the_offline_cache(tmp_path: Path) -> None:
+    """A hub id is looked up in the huggingface_hub cache; HF_HUB_OFFLINE=1 means no network is tried."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("a" * 40)
+    tiny_model(snapshot, "llama")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    code = "from shard.checkpoint import resolve_model_dir; print(resolve_model_dir('acme/tiny-llama'))"
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == snapshot
+    missing = code.replace("acme/tiny-llama", "acme/absent")
+    proc = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "neither a local directory nor reachable" in proc.stderr
