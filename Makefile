@@ -7,7 +7,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test test-fast lint bench-decode clean
 
-install: $(STAMP)
+PROTOS := $(shell find proto -name '*.proto')
+STUBS := loraplex/v1/generate_pb2.py loraplex/shard/v1/shard_pb2.py
+
+install: $(STAMP) $(STUBS)
+
+$(STUBS) &: $(PROTOS) $(STAMP) loraplex/protogen.py
+	$(BIN)/python -m loraplex.protogen
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -123,3 +123,45 @@ def hf_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
         ids.append(int(logits.argmax()))
     return ids[len(prompt) :]
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of France? Paris is the capital of France.",
+    "hello world, answer in json, talk like a pirate, réponds en français",
+    "0123456789 {}[]:,\"' !?.-_",
+]
+
+
+def tiny_tokenizer(directory: Path, vocab_size: int = 320) -> dict[str, int]:
+    """A byte-level BPE tokenizer with ChatML special tokens, saved like a HF checkpoint's; returns special ids."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return {"eos": tok.token_to_id("<|im_end|>"), "vocab": tok.get_vocab_size()}
+
+
+def tiny_served_model(directory: Path, kind: str = "llama", seed: int = 0) -> PreTrainedModel:
+    """A tiny random checkpoint with a tokenizer, ready for a shard and a router."""
+    ids = tiny_tokenizer(directory)
+    return tiny_model(directory, kind, seed=seed, vocab_size=max(ids["vocab"], 128), eos_token_id=ids["eos"])

@@ -1,0 +1,49 @@
+"""Generates the Python gRPC stubs from ``proto/`` (run by ``make install``; never edit the output)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+
+
+def proto_files() -> list[Path]:
+    return sorted(PROTO_DIR.rglob("*.proto"))
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Write ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` for every proto under ``out_dir``."""
+    from grpc_tools import protoc  # a build-time dependency only
+
+    files = [str(p.relative_to(PROTO_DIR)) for p in proto_files()]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+    ]
+    if protoc.main([*args, *files]) != 0:
+        raise RuntimeError("protoc failed on " + ", ".join(files))
+    return generated_files(out_dir)
+
+
+def generated_files(root: Path) -> list[Path]:
+    """The stub files that ``generate`` writes (or wrote) under ``root``."""
+    out = []
+    for proto in proto_files():
+        stem = root / proto.relative_to(PROTO_DIR).with_suffix("")
+        out += [stem.with_name(stem.name + suffix) for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
+    return out
+
+
+def main() -> int:
+    for path in generate(ROOT):
+        print(path.relative_to(ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

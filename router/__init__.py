@@ -1,0 +1,1 @@
+"""Router: validation, tokenization, adapter resolution, continuous batching and the public APIs (no torch)."""

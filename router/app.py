@@ -1,0 +1,57 @@
+"""The router's HTTP application: TGI and OpenAI routes over one RouterService, errors in each API's shape."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from loraplex import __version__
+from router.http_api import tgi_routes
+from router.openai_api import OpenAIError, openai_routes
+from router.service import ApiError, RouterService
+
+
+def create_app(service: RouterService) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(service.scheduler.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        code = exc.error_type if exc.error_type != "validation" else "invalid_request_error"
+        body = {"error": {"message": exc.message, "type": code, "param": None, "code": exc.error_type}}
+        return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def body_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", "invalid"))
+        if request.url.path.startswith("/v1/"):
+            err = {"message": message, "type": "invalid_request_error", "param": where or None, "code": "validation"}
+            return JSONResponse({"error": err}, status_code=422)
+        return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail), "error_type": "http"}, status_code=exc.status_code)
+
+    app.include_router(tgi_routes(service))
+    app.include_router(openai_routes(service))
+    return app

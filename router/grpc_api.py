@@ -1,0 +1,152 @@
+"""The public gRPC service ``loraplex.v1.TextGeneration``: the HTTP API's twin, sharing RouterService."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from loraplex import __version__
+from loraplex.v1 import generate_pb2 as pb
+from loraplex.v1 import generate_pb2_grpc as pb_grpc
+from router.scheduler import EndEvent, ErrorEvent, TokenEvent, TokenInfo
+from router.service import ApiError, RouterService
+from router.validation import GenerateParameters, ValidationError, validate_parameters
+
+_CODES = {
+    "validation": grpc.StatusCode.INVALID_ARGUMENT,
+    "adapter_not_found": grpc.StatusCode.NOT_FOUND,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
+    "generation": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: ApiError) -> NoReturn:
+    await context.abort(_CODES.get(exc.error_type, grpc.StatusCode.INTERNAL), f"{exc.error_type}: {exc.message}")
+    raise AssertionError("unreachable")
+
+
+def _token(t: TokenInfo) -> pb.Token:
+    out = pb.Token(id=t.id, text=t.text, special=t.special)
+    if math.isfinite(t.logprob):
+        out.logprob = t.logprob
+    return out
+
+
+def _details(end: EndEvent) -> pb.Details:
+    d = pb.Details(finish_reason=end.finish_reason, generated_tokens=end.generated_tokens)
+    if end.seed is not None:
+        d.seed = end.seed
+    d.prefill.extend(_token(t) for t in end.prefill)
+    d.tokens.extend(_token(t) for t in end.tokens)
+    d.top_tokens.extend(pb.TopTokens(tokens=[_token(t) for t in tops]) for tops in end.top_tokens if tops)
+    return d
+
+
+def _parameters(service: RouterService, params: pb.Parameters) -> GenerateParameters:
+    raw: dict[str, Any] = MessageToDict(params, preserving_proto_field_name=True)
+    for name in ("seed", "max_new_tokens", "top_k", "truncate", "top_n_tokens"):
+        if name in raw:
+            raw[name] = int(raw[name])
+    try:
+        return validate_parameters(raw, service.settings)
+    except ValidationError as exc:
+        raise ApiError(422, "validation", str(exc)) from exc
+
+
+class TextGeneration(pb_grpc.TextGenerationServicer):
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        try:
+            params = _parameters(self.service, request.parameters)
+            entry = self.service.prepare(request.inputs, params)
+            end = await self.service.result(entry)
+        except ApiError as exc:
+            await _abort(context, exc)
+        resp = pb.GenerateResponse(generated_text=self.service.full_text(request.inputs, end, params))
+        if params.details:
+            resp.details.CopyFrom(_details(end))
+        return resp
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        try:
+            params = _parameters(self.service, request.parameters)
+            entry = self.service.prepare(request.inputs, params)
+        except ApiError as exc:
+            await _abort(context, exc)
+        try:
+            async for event in self.service.events(entry):
+                if isinstance(event, TokenEvent):
+                    if entry.end is not None and event.index == len(entry.tokens):
+                        continue  # sent with the end
+                    yield pb.StreamResponse(
+                        index=event.index, token=_token(event.token), top_tokens=[_token(t) for t in event.top_tokens]
+                    )
+                elif isinstance(event, EndEvent):
+                    last = event.tokens[-1]
+                    yield pb.StreamResponse(
+                        index=len(event.tokens),
+                        token=_token(last),
+                        generated_text=self.service.full_text(request.inputs, event, params),
+                        details=_details(event),
+                    )
+                elif isinstance(event, ErrorEvent):
+                    await _abort(context, ApiError(424, event.error_type, event.message))
+        finally:
+            self.service.scheduler.cancel(entry)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        offsets = self.service.tokenizer.offsets(request.inputs)
+        return pb.TokenizeResponse(tokens=[pb.Token(id=o.id, text=o.text) for o in offsets])
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        s, info = self.service.settings, self.service.info
+        return pb.InfoResponse(
+            model_id=info.model_id,
+            model_dtype=info.dtype,
+            model_device_type=info.device,
+            max_input_tokens=s.max_input_tokens,
+            max_total_tokens=s.max_total_tokens,
+            max_concurrent_requests=s.max_concurrent_requests,
+            max_stop_sequences=s.max_stop_sequences,
+            max_best_of=1,
+            max_batch_total_tokens=s.max_batch_total_tokens,
+            num_shard=info.num_shard,
+            version=__version__,
+        )
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        try:
+            await self.service.scheduler.shards.health(timeout=2.0)
+        except grpc.aio.AioRpcError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "shards unavailable")
+        return pb.HealthResponse()
+
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        adapters = await self.service.scheduler.shards.list_adapters()
+        return pb.ListAdaptersResponse(
+            adapters=[
+                pb.AdapterInfo(id=a.id, rank=a.rank, targets=a.targets, bytes=a.bytes, tier=a.tier, requests=a.requests)
+                for a in adapters
+            ]
+        )
+
+
+async def serve_grpc(service: RouterService, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    pb_grpc.add_TextGenerationServicer_to_server(TextGeneration(service), server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    return server

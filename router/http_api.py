@@ -1,0 +1,186 @@
+"""TGI-compatible HTTP routes: /, /generate, /generate_stream, /health, /info, /metrics, /tokenize."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from loraplex import __version__
+from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent, TokenInfo
+from router.service import ApiError, RouterService
+from router.validation import GenerateParameters, ValidationError, validate_parameters
+
+
+class GenerateBody(BaseModel):
+    inputs: str = Field(description="the prompt")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="TGI parameters, plus adapter_id")
+    stream: bool = False
+
+
+class TokenizeBody(BaseModel):
+    inputs: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+def token_json(t: TokenInfo) -> dict[str, Any]:
+    logprob = t.logprob if math.isfinite(t.logprob) else None
+    return {"id": t.id, "text": t.text, "logprob": logprob, "special": t.special}
+
+
+def details_json(end: EndEvent, params: GenerateParameters) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "finish_reason": end.finish_reason,
+        "generated_tokens": end.generated_tokens,
+        "seed": end.seed,
+        "prefill": [
+            {"id": t.id, "text": t.text, "logprob": t.logprob if math.isfinite(t.logprob) else None}
+            for t in end.prefill
+        ],
+        "tokens": [token_json(t) for t in end.tokens],
+    }
+    if params.top_n_tokens:
+        out["top_tokens"] = [[token_json(t) for t in tops] for tops in end.top_tokens]
+    return out
+
+
+def parse_parameters(service: RouterService, raw: dict[str, Any]) -> GenerateParameters:
+    try:
+        return validate_parameters(raw, service.settings)
+    except ValidationError as exc:
+        raise ApiError(422, "validation", str(exc)) from exc
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> AsyncIterator[str]:
+    params = entry.params
+    try:
+        async for event in service.events(entry):
+            if isinstance(event, ErrorEvent):
+                yield sse({"error": event.message, "error_type": event.error_type})
+            elif isinstance(event, TokenEvent):
+                last = entry.end is not None and event.index == len(entry.tokens)
+                payload: dict[str, Any] = {
+                    "index": event.index,
+                    "token": token_json(event.token),
+                    "top_tokens": [token_json(t) for t in event.top_tokens],
+                    "generated_text": None,
+                    "details": None,
+                }
+                if last:
+                    continue  # the end event carries the last token, with the text and details
+                yield sse(payload)
+            elif isinstance(event, EndEvent):
+                final = event.tokens[-1] if event.tokens else None
+                yield sse(
+                    {
+                        "index": len(event.tokens),
+                        "token": token_json(final) if final else None,
+                        "top_tokens": [token_json(t) for t in event.top_tokens[-1]] if event.top_tokens else [],
+                        "generated_text": service.full_text(inputs, event, params),
+                        "details": {
+                            "finish_reason": event.finish_reason,
+                            "generated_tokens": event.generated_tokens,
+                            "input_length": len(entry.input_ids),
+                            "seed": event.seed,
+                        }
+                        if params.details
+                        else None,
+                    }
+                )
+    finally:
+        service.scheduler.cancel(entry)
+
+
+def tgi_routes(service: RouterService) -> APIRouter:
+    api = APIRouter()
+
+    async def generate(body: GenerateBody) -> dict[str, Any]:
+        params = parse_parameters(service, body.parameters)
+        entry = service.prepare(body.inputs, params)
+        end = await service.result(entry)
+        out: dict[str, Any] = {"generated_text": service.full_text(body.inputs, end, params)}
+        if params.details:
+            out["details"] = details_json(end, params)
+        return out
+
+    def stream(body: GenerateBody) -> StreamingResponse:
+        params = parse_parameters(service, body.parameters)
+        entry = service.prepare(body.inputs, params)  # errors before the first token keep their status
+        return StreamingResponse(tgi_stream(service, entry, body.inputs), media_type="text/event-stream")
+
+    @api.post("/", summary="TGI compatible generate (streams when stream is true)")
+    async def compat(body: GenerateBody) -> Any:
+        if body.stream:
+            return stream(body)
+        return [await generate(body)]
+
+    @api.post("/generate", summary="Generate text")
+    async def generate_route(body: GenerateBody) -> dict[str, Any]:
+        return await generate(body)
+
+    @api.post("/generate_stream", summary="Generate text as server-sent events")
+    async def generate_stream(body: GenerateBody) -> StreamingResponse:
+        return stream(body)
+
+    @api.get("/health", summary="200 when every shard answers, 503 otherwise")
+    async def health() -> Response:
+        try:
+            await service.scheduler.shards.health(timeout=2.0)
+        except Exception:
+            return JSONResponse({"error": "shards unavailable", "error_type": "unhealthy"}, status_code=503)
+        if not service.scheduler.healthy:
+            return JSONResponse({"error": "shards unavailable", "error_type": "unhealthy"}, status_code=503)
+        return Response(status_code=200)
+
+    @api.get("/info", summary="Model and server limits")
+    async def info() -> dict[str, Any]:
+        s = service.settings
+        return {
+            "model_id": service.info.model_id,
+            "model_dtype": service.info.dtype,
+            "model_device_type": service.info.device,
+            "max_input_tokens": s.max_input_tokens,
+            "max_total_tokens": s.max_total_tokens,
+            "max_concurrent_requests": s.max_concurrent_requests,
+            "max_stop_sequences": s.max_stop_sequences,
+            "max_best_of": 1,
+            "max_batch_total_tokens": s.max_batch_total_tokens,
+            "max_batch_prefill_tokens": s.max_batch_prefill_tokens,
+            "num_shard": service.info.num_shard,
+            "router": "loraplex",
+            "version": __version__,
+        }
+
+    @api.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        try:
+            health = await service.scheduler.shards.health(timeout=2.0)
+            service.scheduler.metrics.kv_blocks_used.set(health.kv_blocks_used)
+        except Exception:
+            pass  # metrics stay readable when shards are down
+        return Response(service.scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.post("/tokenize", summary="Tokenize inputs")
+    async def tokenize(body: TokenizeBody) -> list[dict[str, Any]]:
+        return [
+            {"id": o.id, "text": o.text, "start": o.start, "stop": o.stop}
+            for o in service.tokenizer.offsets(body.inputs)
+        ]
+
+    return api
+
+
+async def request_json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "validation", f"malformed JSON: {exc}") from exc

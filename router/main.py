@@ -1,0 +1,76 @@
+"""``loraplex-router``: connects to the shards, then serves HTTP (TGI + OpenAI) and the public gRPC API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+import uvicorn
+
+from loraplex.flags import fail
+from loraplex.logs import setup_logging
+from router.app import create_app
+from router.grpc_api import serve_grpc
+from router.metrics import Metrics
+from router.scheduler import Scheduler
+from router.service import RouterService, ServerInfo
+from router.settings import RouterSettings, settings_from_args
+from router.shards import ShardClients
+from router.tokenizer import TextTokenizer
+
+log = logging.getLogger("loraplex.router")
+
+
+async def build_service(settings: RouterSettings, connect_timeout: float = 120.0) -> RouterService:
+    """Connect to every rank, read the model's tokenizer and adapter list: the router's whole state."""
+    shards = ShardClients(settings.shard_uds)
+    info = await shards.wait_ready(connect_timeout)
+    tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
+    tokenizer = TextTokenizer(tokenizer_dir)
+    scheduler = Scheduler(shards, tokenizer, settings, set(info.eos_token_ids), Metrics())
+    server_info = ServerInfo(
+        model_id=settings.model_id or info.model_id,
+        model_dir=info.model_dir,
+        dtype=info.dtype,
+        device=info.device,
+        num_shard=len(settings.shard_uds),
+    )
+    service = RouterService(scheduler, tokenizer, settings, server_info)
+    service.adapters = {a.id for a in await shards.list_adapters()}
+    return service
+
+
+async def serve(settings: RouterSettings) -> None:
+    try:
+        service = await build_service(settings)
+    except grpc.aio.AioRpcError as exc:
+        fail("loraplex-router", f"shards at {', '.join(settings.shard_uds)} are not reachable: {exc.details()}")
+    except (OSError, ValueError) as exc:
+        fail("loraplex-router", str(exc))
+    grpc_server = None
+    if settings.grpc_port:
+        grpc_server = await serve_grpc(service, f"{settings.hostname}:{settings.grpc_port}")
+    config = uvicorn.Config(
+        create_app(service), host=settings.hostname, port=settings.port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    log.info("router ready", extra={"port": settings.port, "grpc_port": settings.grpc_port})
+    try:
+        await server.serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    setup_logging(settings.json_output)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

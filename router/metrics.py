@@ -1,0 +1,37 @@
+"""Prometheus metrics of the router (a private registry per process, served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("loraplex_requests", "Requests received, by outcome", ["status"], registry=r)
+        self.request_duration = Histogram(
+            "loraplex_request_duration_seconds", "Request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "loraplex_time_to_first_token_seconds", "Queue + prefill", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inter_token_latency = Histogram(
+            "loraplex_inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_size = Gauge("loraplex_queue_size", "Requests waiting for prefill", registry=r)
+        self.running_requests = Gauge("loraplex_running_requests", "Requests in the running batch", registry=r)
+        self.batch_size = Histogram(
+            "loraplex_batch_size", "Requests per forward step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.kv_blocks_used = Gauge("loraplex_kv_blocks_used", "KV cache blocks in use on rank 0", registry=r)
+        self.input_tokens = Counter("loraplex_input_tokens", "Prompt tokens", registry=r)
+        self.output_tokens = Counter("loraplex_output_tokens", "Generated tokens", registry=r)
+        self.adapter_requests = Counter("loraplex_adapter_requests", "Requests per adapter", ["adapter"], registry=r)
+        self.adapter_tokens = Counter(
+            "loraplex_adapter_tokens", "Generated tokens per adapter", ["adapter"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

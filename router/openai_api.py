@@ -1,0 +1,195 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions (both streaming), /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from router.http_api import request_json
+from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent
+from router.service import ApiError, RouterService, adapter_not_found
+from router.tokenizer import TemplateFailure
+from router.validation import ValidationError, validate_parameters
+
+# "tgi" is what TGI clients send; "dummy" is what huggingface_hub's InferenceClient sends when it was built
+# from a server URL (older releases sent the URL itself, which is also accepted).
+BASE_ALIASES = ("", "base", "tgi", "dummy")
+_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+class OpenAIError(ApiError):
+    """Answered in OpenAI's error shape instead of TGI's."""
+
+
+def resolve_model(service: RouterService, model: Any) -> str:
+    """The adapter a ``model`` field names ("" for the base); unknown names are 404, never the base."""
+    if model is None:
+        return ""
+    if not isinstance(model, str):
+        raise OpenAIError(422, "validation", "`model` must be a string")
+    if model in BASE_ALIASES or model == service.info.model_id or model.startswith(("http://", "https://")):
+        return ""
+    if not service.known_adapter(model):
+        err = adapter_not_found(model)
+        raise OpenAIError(err.status, err.error_type, err.message)
+    return model
+
+
+def _params(service: RouterService, body: dict[str, Any], adapter: str) -> Any:
+    raw: dict[str, Any] = {
+        "adapter_id": adapter,
+        "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "seed": body.get("seed"),
+        "stop": body.get("stop"),
+        "frequency_penalty": body.get("frequency_penalty"),
+        "details": True,
+    }
+    # OpenAI allows temperature 0 (greedy) and top_p 1 (no filter); TGI's ranges exclude both.
+    if raw["temperature"] == 0:
+        raw["temperature"] = None
+    if raw["top_p"] == 1:
+        raw["top_p"] = None
+    if body.get("n", 1) not in (1, None):
+        raise OpenAIError(422, "validation", "`n` must be 1")
+    top_logprobs = body.get("top_logprobs")
+    if body.get("logprobs") and top_logprobs:
+        raw["top_n_tokens"] = top_logprobs
+    try:
+        return validate_parameters(raw, service.settings)
+    except ValidationError as exc:
+        raise OpenAIError(422, "validation", str(exc)) from exc
+
+
+def _usage(entry: Entry, end: EndEvent) -> dict[str, int]:
+    prompt = len(entry.input_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": end.generated_tokens,
+        "total_tokens": prompt + end.generated_tokens,
+    }
+
+
+async def _stream(
+    service: RouterService, entry: Entry, model: str, kind: str, first: dict[str, Any] | None
+) -> AsyncIterator[str]:
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, usage: dict[str, int] | None = None) -> str:
+        if kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "delta": {} if text is None else {"content": text}}
+            if first is not None and text is not None and not sent_role:
+                choice["delta"]["role"] = "assistant"
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice["finish_reason"] = finish
+        choice["logprobs"] = None
+        out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        if usage:
+            out["usage"] = usage
+        return f"data: {json.dumps(out)}\n\n"
+
+    sent_role = False
+    try:
+        async for event in service.events(entry):
+            if isinstance(event, TokenEvent):
+                if event.token.special:
+                    continue
+                yield chunk(event.token.text, None)
+                sent_role = True
+            elif isinstance(event, EndEvent):
+                yield chunk(None, _FINISH[event.finish_reason], _usage(entry, event))
+            elif isinstance(event, ErrorEvent):
+                yield f"data: {json.dumps({'error': event.message, 'error_type': event.error_type})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        service.scheduler.cancel(entry)
+
+
+def openai_routes(service: RouterService) -> APIRouter:
+    api = APIRouter()
+
+    async def run(body: dict[str, Any], prompt: str, kind: str) -> Any:
+        model = body.get("model")
+        adapter = resolve_model(service, model)
+        params = _params(service, body, adapter)
+        try:
+            entry = service.prepare(prompt, params)
+        except ApiError as exc:
+            raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
+        name = model if isinstance(model, str) and model else service.info.model_id
+        if body.get("stream"):
+            return StreamingResponse(_stream(service, entry, name, kind, {}), media_type="text/event-stream")
+        try:
+            end = await service.result(entry)
+        except ApiError as exc:
+            raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
+        text = end.generated_text
+        if kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text}
+        choice.update(finish_reason=_FINISH[end.finish_reason], logprobs=None)
+        return {
+            "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": [choice],
+            "usage": _usage(entry, end),
+        }
+
+    @api.post("/v1/chat/completions", summary="OpenAI chat completions; `model` names the adapter")
+    async def chat(request: Request) -> Any:
+        body = await _body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise OpenAIError(422, "validation", "`messages` must be a non-empty list of objects")
+        for m in messages:
+            if isinstance(m.get("content"), list):  # content parts: keep the text ones
+                m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+        try:
+            prompt = service.tokenizer.apply_chat_template(messages)
+        except TemplateFailure as exc:
+            raise OpenAIError(422, "validation", str(exc)) from exc
+        return await run(body, prompt, "chat")
+
+    @api.post("/v1/completions", summary="OpenAI completions; `model` names the adapter")
+    async def completions(request: Request) -> Any:
+        body = await _body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise OpenAIError(422, "validation", "`prompt` must be a string")
+        return await run(body, prompt, "completion")
+
+    @api.get("/v1/models", summary="The base model and every adapter the caller may use")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        names = [service.info.model_id, *sorted(service.adapters)]
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "loraplex"} for n in names],
+        }
+
+    return api
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request_json(request)
+    except ApiError as exc:
+        raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
+    if not isinstance(body, dict):
+        raise OpenAIError(422, "validation", "the request body must be a JSON object")
+    return body

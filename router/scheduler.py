@@ -1,0 +1,316 @@
+"""The continuous-batching loop: admits waiting requests under token budgets, drives prefill and decode."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+
+from loraplex.shard.v1 import shard_pb2 as pb
+from router.metrics import Metrics
+from router.settings import RouterSettings
+from router.shards import ShardClients
+from router.tokenizer import TextTokenizer
+from router.validation import GenerateParameters
+
+log = logging.getLogger("loraplex.router")
+
+
+class Overloaded(RuntimeError):
+    """More requests than --max-concurrent-requests are in flight."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int
+    token: TokenInfo
+    top_tokens: list[TokenInfo]
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    prefill: list[TokenInfo]
+    tokens: list[TokenInfo]
+    top_tokens: list[list[TokenInfo]]
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+    error_type: str = "generation"
+
+
+Event = TokenEvent | EndEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class Entry:
+    """One request from admission to its last event."""
+
+    input_ids: list[int]
+    params: GenerateParameters
+    max_new_tokens: int
+    id: int = 0
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    tokens: list[TokenInfo] = field(default_factory=list)
+    top_tokens: list[list[TokenInfo]] = field(default_factory=list)
+    prefill: list[TokenInfo] = field(default_factory=list)
+    text: str = ""
+    cancelled: bool = False
+    finished: bool = False
+    end: EndEvent | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+    last_token_at: float = 0.0
+
+
+class Scheduler:
+    """Owns the queue and the running batch; the shards hold the KV state, addressed by batch ids."""
+
+    def __init__(
+        self,
+        shards: ShardClients,
+        tokenizer: TextTokenizer,
+        settings: RouterSettings,
+        eos_ids: set[int],
+        metrics: Metrics,
+    ) -> None:
+        self.shards = shards
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.eos_ids = eos_ids
+        self.metrics = metrics
+        self.waiting: deque[Entry] = deque()
+        self.running: dict[int, Entry] = {}
+        self.members: dict[int, list[int]] = {}  # cached batch id -> request ids
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self.healthy = True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def submit(self, entry: Entry) -> None:
+        if self.in_flight >= self.settings.max_concurrent_requests:
+            raise Overloaded("Model is overloaded")
+        entry.id = next(self._ids)
+        self.waiting.append(entry)
+        self.metrics.queue_size.set(len(self.waiting))
+        self.metrics.input_tokens.inc(len(entry.input_ids))
+        self._wake.set()
+
+    def cancel(self, entry: Entry) -> None:
+        """The client went away: the request leaves the batch at the next step and its KV blocks are freed."""
+        if not entry.finished:
+            entry.cancelled = True
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self.waiting and not self.running:
+                self._wake.clear()
+                await self._wake.wait()
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a shard failed: everyone in flight gets an error, nobody hangs
+                log.exception("batch step failed")
+                await self._fail_all(f"generation failed: {exc}")
+
+    async def _step(self) -> None:
+        while self.waiting and self.waiting[0].cancelled:
+            self._finish(self.waiting.popleft(), None)
+        batch = self._admit()
+        if batch:
+            await self._prefill(batch)
+        if self.running:
+            await self._decode()
+        self.metrics.queue_size.set(len(self.waiting))
+        self.metrics.running_requests.set(len(self.running))
+
+    def _admit(self) -> list[Entry]:
+        s = self.settings
+        reserved = sum(len(e.input_ids) + e.max_new_tokens for e in self.running.values())
+        prefill_tokens = 0
+        batch: list[Entry] = []
+        while self.waiting:
+            e = self.waiting[0]
+            if e.cancelled:
+                self._finish(self.waiting.popleft(), None)
+                continue
+            need = len(e.input_ids) + e.max_new_tokens
+            if (
+                prefill_tokens + len(e.input_ids) > s.max_batch_prefill_tokens
+                or reserved + need > s.max_batch_total_tokens
+                or len(self.running) + len(batch) >= s.max_batch_size
+            ):
+                break
+            batch.append(self.waiting.popleft())
+            prefill_tokens += len(e.input_ids)
+            reserved += need
+        return batch
+
+    async def _prefill(self, entries: list[Entry]) -> None:
+        batch_id = next(self._ids)
+        requests = [
+            pb.Request(
+                id=e.id,
+                input_ids=e.input_ids,
+                adapter_id=e.params.adapter_id,
+                sampling=pb.SamplingParameters(
+                    do_sample=e.params.do_sample,
+                    temperature=e.params.temperature,
+                    top_k=e.params.top_k,
+                    top_p=e.params.top_p,
+                    typical_p=e.params.typical_p,
+                    repetition_penalty=e.params.repetition_penalty,
+                    frequency_penalty=e.params.frequency_penalty,
+                    seed=e.params.seed,
+                ),
+                top_n_tokens=e.params.top_n_tokens,
+                prefill_logprobs=e.params.decoder_input_details,
+            )
+            for e in entries
+        ]
+        self.metrics.batch_size.observe(len(entries))
+        try:
+            resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=requests))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                raise
+            kind = "adapter_not_found" if exc.code() == grpc.StatusCode.NOT_FOUND else "generation"
+            for e in entries:
+                self._finish(e, ErrorEvent(exc.details() or "prefill failed", kind))
+            return
+        for e in entries:
+            self.running[e.id] = e
+        self.members[batch_id] = [e.id for e in entries]
+        self._handle(resp.generations)
+        await self._filter()
+
+    async def _decode(self) -> None:
+        await self._filter()  # cancelled requests leave before the step, not after
+        if not self.members:
+            return
+        ids = list(self.members)
+        self.metrics.batch_size.observe(len(self.running))
+        resp = await self.shards.decode([pb.CachedBatch(id=b, request_ids=self.members[b]) for b in ids])
+        merged = [r for b in ids for r in self.members.pop(b)]
+        self.members[resp.batch.id] = merged
+        self._handle(resp.generations)
+        await self._filter()
+
+    async def _filter(self) -> None:
+        for batch_id, members in list(self.members.items()):
+            keep = [
+                r for r in members if r in self.running and not (self.running[r].finished or self.running[r].cancelled)
+            ]
+            gone = [r for r in members if r not in keep]
+            for r in gone:
+                e = self.running.pop(r, None)
+                if e is not None and not e.finished:
+                    self._finish(e, None)
+            if not gone:
+                continue
+            if keep:
+                await self.shards.filter(batch_id, keep)
+                self.members[batch_id] = keep
+            else:
+                await self.shards.clear(batch_id)
+                del self.members[batch_id]
+
+    def _handle(self, generations: list[pb.Generation]) -> None:
+        now = time.monotonic()
+        for g in generations:
+            e = self.running.get(g.request_id)
+            if e is None or e.finished:
+                continue
+            if e.cancelled:
+                continue
+            if g.prefill_tokens:
+                e.prefill = [self._info(t.id, t.logprob) for t in g.prefill_tokens]
+            if e.generated:
+                self.metrics.inter_token_latency.observe(now - e.last_token_at)
+            else:
+                self.metrics.time_to_first_token.observe(now - e.queued_at)
+            e.last_token_at = now
+            token = self._info(g.token.id, g.token.logprob)
+            e.generated.append(token.id)
+            if not token.special:
+                text = self.tokenizer.decode(e.generated)
+                if not text.endswith("\ufffd"):  # a character split across tokens: wait for its end
+                    token = TokenInfo(token.id, text[len(e.text) :], token.logprob, token.special)
+                    e.text = text
+                else:
+                    token = TokenInfo(token.id, "", token.logprob, token.special)
+            tops = [self._info(t.id, t.logprob) for t in g.top_tokens]
+            e.tokens.append(token)
+            e.top_tokens.append(tops)
+            e.events.put_nowait(TokenEvent(len(e.tokens), token, tops))
+            self.metrics.output_tokens.inc()
+            self.metrics.adapter_tokens.labels(e.params.adapter_id or "base").inc()
+            reason = None
+            if token.id in self.eos_ids:
+                reason = "eos_token"
+            elif any(s in e.text for s in e.params.stop):
+                reason = "stop_sequence"
+            elif len(e.generated) >= e.max_new_tokens:
+                reason = "length"
+            if reason:
+                self._finish(e, self._end(e, reason))
+
+    def _info(self, token_id: int, logprob: float) -> TokenInfo:
+        special = token_id in self.tokenizer.special_ids
+        return TokenInfo(token_id, self.tokenizer.token_text(token_id), logprob, special)
+
+    def _end(self, e: Entry, reason: str) -> EndEvent:
+        return EndEvent(
+            generated_text=e.text,
+            finish_reason=reason,
+            generated_tokens=len(e.generated),
+            seed=e.params.seed if e.params.sampling else None,
+            prefill=e.prefill,
+            tokens=e.tokens,
+            top_tokens=e.top_tokens,
+        )
+
+    def _finish(self, e: Entry, event: Event | None) -> None:
+        e.finished = True
+        if isinstance(event, EndEvent):
+            e.end = event
+        if event is not None:
+            e.events.put_nowait(event)
+        status = "cancelled" if event is None else ("error" if isinstance(event, ErrorEvent) else "success")
+        self.metrics.requests.labels(status).inc()
+        self.metrics.request_duration.observe(time.monotonic() - e.queued_at)
+
+    async def _fail_all(self, message: str) -> None:
+        for e in [*self.waiting, *self.running.values()]:
+            if not e.finished:
+                self._finish(e, ErrorEvent(message))
+        self.waiting.clear()
+        self.running.clear()
+        self.members.clear()
+        try:
+            await self.shards.clear()
+        except grpc.aio.AioRpcError:
+            self.healthy = False

@@ -1,0 +1,86 @@
+"""The router's settings: one dataclass, filled from flags and their environment twins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from loraplex.flags import FlagParser
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    shard_uds: tuple[str, ...] = ("unix:///tmp/loraplex-shard-0.sock",)
+    hostname: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int = 50051
+    tokenizer_dir: Path | None = None
+    model_id: str = ""
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int = 32768
+    max_concurrent_requests: int = 128
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_batch_size: int = 256
+    waiting_served_ratio: float = 1.2
+    api_keys_file: Path | None = None
+    admin_token: str = ""
+    json_output: bool = False
+
+
+def add_serving_flags(p: FlagParser) -> None:
+    """Flags shared by the router and the launcher (which passes them on)."""
+    d = RouterSettings()
+    p.flag("--max-input-tokens", type=int, default=d.max_input_tokens)
+    p.flag("--max-total-tokens", type=int, default=d.max_total_tokens)
+    p.flag("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens)
+    p.flag("--max-batch-total-tokens", type=int, default=d.max_batch_total_tokens)
+    p.flag("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
+    p.flag("--max-stop-sequences", type=int, default=d.max_stop_sequences)
+    p.flag("--max-top-n-tokens", type=int, default=d.max_top_n_tokens)
+    p.flag("--max-batch-size", type=int, default=d.max_batch_size)
+    p.flag("--hostname", env="LORAPLEX_HOSTNAME", default=d.hostname)
+    p.flag("--port", type=int, default=d.port)
+    p.flag("--grpc-port", type=int, default=d.grpc_port, help="public gRPC port; 0 disables it")
+    p.flag("--api-keys-file", type=Path, default=None)
+    p.flag("--admin-token", default="")
+    p.flag("--json-output", action="store_true")
+
+
+def router_parser() -> FlagParser:
+    p = FlagParser(prog="loraplex-router", description="The loraplex router: public APIs in front of the shards.")
+    p.flag(
+        "--shard-uds",
+        env="SHARD_UDS",
+        default=",".join(RouterSettings.shard_uds),
+        help="comma list of shard addresses, rank 0 first",
+    )
+    p.flag("--tokenizer-dir", type=Path, default=None, help="default: the model directory rank 0 reports")
+    p.flag("--model-id", default="", help="name reported by /info and /v1/models")
+    add_serving_flags(p)
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> RouterSettings:
+    p = router_parser()
+    args = p.parse(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(RouterSettings) if hasattr(args, f.name)}
+    values["shard_uds"] = tuple(a.strip() for a in args.shard_uds.split(",") if a.strip())
+    s = RouterSettings(**values)
+    problems = []
+    if s.max_input_tokens >= s.max_total_tokens:
+        problems.append("--max-input-tokens must be less than --max-total-tokens")
+    if s.max_batch_prefill_tokens < s.max_input_tokens:
+        problems.append("--max-batch-prefill-tokens must be at least --max-input-tokens")
+    if s.max_batch_total_tokens < s.max_total_tokens:
+        problems.append("--max-batch-total-tokens must be at least --max-total-tokens")
+    if min(s.max_concurrent_requests, s.max_batch_size, s.max_input_tokens) < 1:
+        problems.append("limits must be positive")
+    if not s.shard_uds:
+        problems.append("--shard-uds names no shard")
+    if problems:
+        p.error(problems[0])
+    return s

@@ -1,0 +1,75 @@
+"""gRPC clients of every shard rank; each call fans out to all ranks and rank 0's answer is used."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from loraplex.shard.v1 import shard_pb2 as pb
+from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class ShardClients:
+    """All ranks of one tensor-parallel model; the router talks to them as one."""
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self.stubs = [pb_grpc.ShardStub(c) for c in self.channels]
+
+    async def _all(self, call: Callable[[pb_grpc.ShardStub], Any], timeout: float | None = None) -> Any:
+        results = await asyncio.gather(*(call(s) for s in self.stubs))
+        return results[0]
+
+    async def info(self, timeout: float = 5.0) -> pb.InfoResponse:
+        return await self.stubs[0].Info(pb.InfoRequest(), timeout=timeout)
+
+    async def health(self, timeout: float = 5.0) -> pb.HealthResponse:
+        return await self._all(lambda s: s.Health(pb.HealthRequest(), timeout=timeout))
+
+    async def warmup(self, batch_size: int, input_length: int) -> None:
+        await self._all(lambda s: s.Warmup(pb.WarmupRequest(batch_size=batch_size, input_length=input_length)))
+
+    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
+        return await self._all(lambda s: s.Prefill(pb.PrefillRequest(batch=batch)))
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> pb.DecodeResponse:
+        return await self._all(lambda s: s.Decode(pb.DecodeRequest(batches=list(batches))))
+
+    async def filter(self, batch_id: int, keep: Sequence[int]) -> pb.FilterBatchResponse:
+        return await self._all(lambda s: s.FilterBatch(pb.FilterBatchRequest(batch_id=batch_id, request_ids=keep)))
+
+    async def clear(self, batch_id: int | None = None) -> None:
+        req = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(batch_id=batch_id)
+        await self._all(lambda s: s.ClearCache(req))
+
+    async def list_adapters(self) -> list[pb.AdapterInfo]:
+        resp = await self.stubs[0].ListAdapters(pb.ListAdaptersRequest(), timeout=10)
+        return list(resp.adapters)
+
+    async def load_adapter(self, adapter_id: str, path: str) -> pb.AdapterInfo:
+        resp = await self._all(lambda s: s.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id, path=path)))
+        return resp.adapter
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self._all(lambda s: s.UnloadAdapter(pb.UnloadAdapterRequest(id=adapter_id)))
+
+    async def wait_ready(self, timeout: float) -> pb.InfoResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self.health(timeout=2.0)
+                return await self.info()
+            except grpc.aio.AioRpcError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels))

@@ -1,0 +1,148 @@
+"""Request validation with TGI's rules and messages; the result is what the scheduler and shards need."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.settings import RouterSettings
+
+DEFAULT_MAX_NEW_TOKENS = 100
+
+
+class ValidationError(ValueError):
+    """A request TGI would answer with 422 ``validation``."""
+
+
+@dataclass(frozen=True)
+class GenerateParameters:
+    """Validated parameters of one generation request (the union of TGI's and OpenAI's knobs)."""
+
+    adapter_id: str = ""
+    do_sample: bool = False
+    max_new_tokens: int | None = None  # None: up to DEFAULT_MAX_NEW_TOKENS, within max_total_tokens
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    return_full_text: bool = False
+    truncate: int | None = None
+    details: bool = False
+    top_n_tokens: int = 0
+    decoder_input_details: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample or self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+
+
+def _number(params: dict[str, Any], name: str, kind: type) -> Any:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"`{name}` must be a number")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValidationError(f"`{name}` must be an integer")
+        return int(value)
+    if not math.isfinite(value):
+        raise ValidationError(f"`{name}` must be a finite number")
+    return float(value)
+
+
+def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> GenerateParameters:
+    """TGI's checks, in TGI's words, on the ``parameters`` object of a request."""
+    if not isinstance(params, dict):
+        raise ValidationError("`parameters` must be an object")
+    out: dict[str, Any] = {}
+    if (v := _number(params, "temperature", float)) is not None:
+        if v <= 0:
+            raise ValidationError("`temperature` must be strictly positive")
+        out["temperature"] = v
+    if (v := _number(params, "repetition_penalty", float)) is not None:
+        if v <= 0:
+            raise ValidationError("`repetition_penalty` must be strictly positive")
+        out["repetition_penalty"] = v
+    if (v := _number(params, "frequency_penalty", float)) is not None:
+        if not -2.0 <= v <= 2.0:
+            raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+        out["frequency_penalty"] = v
+    for name in ("top_p", "typical_p"):
+        if (v := _number(params, name, float)) is not None:
+            if not 0.0 < v < 1.0:
+                raise ValidationError(f"`{name}` must be > 0.0 and < 1.0")
+            out[name] = v
+    if (v := _number(params, "top_k", int)) is not None:
+        if v <= 0:
+            raise ValidationError("`top_k` must be strictly positive")
+        out["top_k"] = v
+    if (v := _number(params, "max_new_tokens", int)) is not None:
+        if v <= 0:
+            raise ValidationError("`max_new_tokens` must be strictly positive")
+        out["max_new_tokens"] = v
+    if (v := _number(params, "truncate", int)) is not None:
+        if not 0 < v <= settings.max_input_tokens:
+            raise ValidationError(
+                f"`truncate` must be strictly positive and less than {settings.max_input_tokens}. Given: {v}"
+            )
+        out["truncate"] = v
+    if (v := _number(params, "top_n_tokens", int)) is not None:
+        if not 0 <= v <= settings.max_top_n_tokens:
+            raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {v}")
+        out["top_n_tokens"] = v
+    if (v := _number(params, "seed", int)) is not None:
+        if not 0 <= v < 2**64:
+            raise ValidationError("`seed` must be >= 0 and < 2^64")
+        out["seed"] = v
+    best_of = _number(params, "best_of", int)
+    if best_of is not None and best_of != 1:
+        raise ValidationError("`best_of` is not supported by loraplex; use separate requests")
+    if params.get("grammar") is not None:
+        raise ValidationError("`grammar` is not supported by loraplex")
+    stop = params.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValidationError("`stop` must be a list of strings")
+    if len(stop) > settings.max_stop_sequences:
+        raise ValidationError(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. Given: {len(stop)}")
+    out["stop"] = tuple(s for s in stop if s)
+    for name in ("do_sample", "return_full_text", "details", "decoder_input_details"):
+        value = params.get(name)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise ValidationError(f"`{name}` must be a boolean")
+            out[name] = value
+    adapter = params.get("adapter_id")
+    if adapter is not None and not isinstance(adapter, str):
+        raise ValidationError("`adapter_id` must be a string")
+    out["adapter_id"] = adapter or ""
+    result = GenerateParameters(**out)
+    if result.sampling and "seed" not in out:
+        result = GenerateParameters(**{**out, "seed": random.getrandbits(63)})
+    return result
+
+
+def check_lengths(input_len: int, params: GenerateParameters, settings: RouterSettings) -> int:
+    """The request's max_new_tokens after TGI's length checks (inputs already truncated)."""
+    if input_len == 0:
+        raise ValidationError("`inputs` cannot be empty")
+    if input_len > settings.max_input_tokens:
+        raise ValidationError(f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {input_len}")
+    if params.max_new_tokens is None:
+        return max(1, min(DEFAULT_MAX_NEW_TOKENS, settings.max_total_tokens - input_len))
+    max_new = params.max_new_tokens
+    if input_len + max_new > settings.max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {settings.max_total_tokens}. "
+            f"Given: {input_len} `inputs` tokens and {max_new} `max_new_tokens`"
+        )
+    return max_new

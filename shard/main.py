@@ -1,0 +1,102 @@
+"""``loraplex-shard``: one tensor-parallel rank serving the internal gRPC API on a unix socket or port."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from loraplex.flags import FlagParser, fail
+from loraplex.logs import setup_logging
+from loraplex.shard.v1 import shard_pb2 as pb
+from shard.checkpoint import CheckpointError, resolve_model_dir
+from shard.config import ModelConfigError
+from shard.embedded import EmbeddedModelError, embedded_model_dir
+from shard.lora.adapter import LoraAdapter
+from shard.lora.config import AdapterError
+from shard.lora.sources import parse_adapter_specs, resolve_adapter_source
+from shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
+from shard.runner import build_runner, parse_dtype
+from shard.server import ShardServicer, serve
+from shard.service import ShardService
+
+log = logging.getLogger("loraplex.shard")
+
+
+def parser() -> FlagParser:
+    p = FlagParser(prog="loraplex-shard", description=__doc__)
+    p.flag("--model-id", default="", help="checkpoint directory or hub id; empty: the embedded SmolLM2")
+    p.flag("--lora-adapters", default="", help="adapters to preload: name=/dir, /dir or hub/id[@rev], comma separated")
+    p.flag(
+        "--listen", env="SHARD_LISTEN", default="unix:///tmp/loraplex-shard-0.sock", help="unix:///path or host:port"
+    )
+    p.flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.flag("--device", default="cpu", help="cpu or cuda[:N]")
+    p.flag("--max-batch-total-tokens", type=int, default=32768, help="KV cache size in tokens")
+    p.flag("--block-size", env="KV_BLOCK_SIZE", type=int, default=16)
+    p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
+    p.flag("--json-output", action="store_true", help="JSON log lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse(argv)
+    setup_logging(args.json_output)
+    if args.max_batch_total_tokens < args.block_size or args.block_size < 1:
+        fail("loraplex-shard", "--max-batch-total-tokens must hold at least one --block-size block")
+    try:
+        model_dir = resolve_model_dir(args.model_id) if args.model_id else embedded_model_dir()
+        dtype = parse_dtype(args.dtype, args.device)
+        runner = build_runner(
+            model_dir,
+            dtype=dtype,
+            device=args.device,
+            kv_blocks=args.max_batch_total_tokens // args.block_size,
+            block_size=args.block_size,
+        )
+        store = AdapterStore(runner.model.config, dtype=dtype, device=args.device, max_rank=args.max_lora_rank)
+
+        def load(adapter_id: str, source: str) -> LoraAdapter:
+            return store.load(adapter_id, resolve_adapter_source(source or adapter_id))
+
+        for name, source in parse_adapter_specs(args.lora_adapters):
+            try:
+                load(name, source)
+            except AdapterError as exc:
+                raise AdapterError(exc.kind, f"adapter {name!r}: {exc}") from exc
+    except (CheckpointError, ModelConfigError, EmbeddedModelError, AdapterError, ValueError, OSError) as exc:
+        fail("loraplex-shard", str(exc))
+    config = runner.model.config
+    info = pb.InfoResponse(
+        model_id=args.model_id or str(model_dir),
+        dtype=str(dtype).removeprefix("torch."),
+        device=args.device,
+        block_size=args.block_size,
+        num_blocks=runner.cache.allocator.num_blocks,
+        vocab_size=config.vocab_size,
+        eos_token_ids=list(config.eos_token_ids),
+        max_lora_rank=args.max_lora_rank,
+        world_size=1,
+        rank=0,
+        max_position_embeddings=config.max_position_embeddings,
+        model_dir=str(model_dir),
+    )
+    try:
+        server = serve(ShardServicer(ShardService(runner, store), info, load), args.listen)
+    except OSError as exc:
+        fail("loraplex-shard", str(exc))
+    log.info("shard ready", extra={"listen": args.listen, "model": str(model_dir), "adapters": store.ids()})
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    if args.listen.startswith("unix://"):
+        Path(args.listen.removeprefix("unix://")).unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

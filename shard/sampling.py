@@ -1,0 +1,114 @@
+"""Next-token choice per request: penalties, temperature, top-k/top-p/typical-p, seeded sampling, logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """TGI's parameters; any warper (temperature, top_k, top_p, typical_p) implies sampling, as in TGI."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+
+    @property
+    def sampling(self) -> bool:
+        warped = self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+        return self.do_sample or warped
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+
+
+class TokenChooser:
+    """One request's sampler; its own seeded generator makes a seed's output independent of the batch."""
+
+    def __init__(self, params: SamplingParams, top_n: int = 0) -> None:
+        self.params = params
+        self.top_n = top_n
+        self.generator: torch.Generator | None = None
+        if params.sampling:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    def process(self, logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        """Penalties and temperature applied to one row of float32 logits (a new tensor)."""
+        p = self.params
+        logits = logits.clone()
+        if p.penalised and token_ids:
+            ids = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
+            if p.repetition_penalty != 1.0:
+                seen = ids.unique()
+                score = logits[seen]
+                logits[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+            if p.frequency_penalty != 0.0:
+                counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+                logits -= p.frequency_penalty * counts
+        if p.sampling and p.temperature != 1.0:
+            logits /= p.temperature
+        return logits
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from processed logits: argmax, or a draw after the top-k/top-p/typical-p filters."""
+        p = self.params
+        if not p.sampling:
+            return int(logits.argmax())
+        scores = logits.clone()
+        if p.top_k > 0 and p.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores[scores < kth] = -float("inf")
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cum - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+            scores[order[drop]] = -float("inf")
+        if p.typical_p < 1.0:
+            logp = scores.log_softmax(-1)
+            entropy = -(logp.exp() * logp).nan_to_num().sum()
+            shifted = (-logp - entropy).abs()
+            order = torch.sort(shifted).indices
+            cum = logp[order].exp().cumsum(-1)
+            drop = cum - logp[order].exp() >= p.typical_p
+            scores[order[drop]] = -float("inf")
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass(frozen=True)
+class Choice:
+    token_id: int
+    logprob: float
+    top_tokens: list[tuple[int, float]]
+
+
+def choose_tokens(
+    logits: torch.Tensor, choosers: Sequence[TokenChooser], token_ids: Sequence[Sequence[int]]
+) -> list[Choice]:
+    """Next token of every row; rows that only want argmax of raw logits take a vectorised path."""
+    plain = all(not c.params.sampling and not c.params.penalised for c in choosers)
+    if plain:
+        processed = logits
+        chosen = logits.argmax(-1).tolist()
+    else:
+        processed = torch.stack([c.process(row, ids) for c, row, ids in zip(choosers, logits, token_ids, strict=True)])
+        chosen = [c.choose(row) for c, row in zip(choosers, processed, strict=True)]
+    logprobs = processed.log_softmax(-1)
+    picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+    out = []
+    for row, (c, token, lp) in enumerate(zip(choosers, chosen, picked, strict=True)):
+        top: list[tuple[int, float]] = []
+        if c.top_n:
+            values, ids = torch.topk(logprobs[row], c.top_n)
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        out.append(Choice(token, lp, top))
+    return out

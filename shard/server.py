@@ -1,0 +1,154 @@
+"""The shard's gRPC servicer: translates protobuf to ``ShardService`` calls and errors to status codes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+
+from loraplex.shard.v1 import shard_pb2 as pb
+from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
+from shard.kv_cache import KVCacheFull
+from shard.lora.adapter import LoraAdapter
+from shard.lora.config import AdapterError
+from shard.sampling import SamplingParams
+from shard.service import BatchError, Generation, NewRequest, ShardService
+
+
+@contextmanager
+def _status(context: grpc.ServicerContext) -> Iterator[None]:
+    try:
+        yield
+    except AdapterError as exc:
+        code = grpc.StatusCode.NOT_FOUND if exc.kind == "not_found" else grpc.StatusCode.INVALID_ARGUMENT
+        context.abort(code, f"{exc.kind}: {exc}")
+    except BatchError as exc:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    except KVCacheFull as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except ValueError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def _generation(g: Generation) -> pb.Generation:
+    out = pb.Generation(request_id=g.request_id, token=pb.Token(id=g.choice.token_id, logprob=g.choice.logprob))
+    out.top_tokens.extend(pb.Token(id=i, logprob=lp) for i, lp in g.choice.top_tokens)
+    if g.prefill:
+        out.prefill_tokens.extend(pb.Token(id=i, logprob=lp) for i, lp in g.prefill)
+    return out
+
+
+def _sampling(s: pb.SamplingParameters) -> SamplingParams:
+    def positive(value: float, default: float) -> float:
+        return value if value > 0 and math.isfinite(value) else default
+
+    return SamplingParams(
+        do_sample=s.do_sample,
+        temperature=positive(s.temperature, 1.0),
+        top_k=s.top_k,
+        top_p=positive(s.top_p, 1.0),
+        typical_p=positive(s.typical_p, 1.0),
+        repetition_penalty=positive(s.repetition_penalty, 1.0),
+        frequency_penalty=s.frequency_penalty,
+        seed=s.seed,
+    )
+
+
+def adapter_info(adapter: LoraAdapter, requests: int = 0) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        id=adapter.adapter_id,
+        rank=adapter.rank,
+        targets=adapter.targets,
+        bytes=adapter.memory_bytes,
+        tier="device",
+        requests=requests,
+    )
+
+
+class ShardServicer(pb_grpc.ShardServicer):
+    """Thin: every method is conversion around one ``ShardService`` call."""
+
+    def __init__(self, service: ShardService, info: pb.InfoResponse, load: Callable[[str, str], LoraAdapter]) -> None:
+        self.service = service
+        self.info = info
+        self.load = load
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        return self.info
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        used, free, batches, requests = self.service.stats()
+        return pb.HealthResponse(
+            kv_blocks_used=used, kv_blocks_free=free, cached_batches=batches, cached_requests=requests
+        )
+
+    def Warmup(self, request: pb.WarmupRequest, context: grpc.ServicerContext) -> pb.WarmupResponse:
+        size, length = max(1, request.batch_size), max(1, request.input_length)
+        reqs = [NewRequest(2**63 + i, [1] * length) for i in range(size)]
+        with _status(context):
+            self.service.prefill(2**63, reqs)
+            self.service.decode([2**63])
+            self.service.clear(2**63)
+        return pb.WarmupResponse()
+
+    def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
+        reqs = [
+            NewRequest(r.id, list(r.input_ids), r.adapter_id, _sampling(r.sampling), r.top_n_tokens, r.prefill_logprobs)
+            for r in request.batch.requests
+        ]
+        with _status(context):
+            gens = self.service.prefill(request.batch.id, reqs)
+        ids = [r.request_id for r in reqs]
+        return pb.PrefillResponse(
+            generations=[_generation(g) for g in gens], batch=pb.CachedBatch(id=request.batch.id, request_ids=ids)
+        )
+
+    def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
+        with _status(context):
+            batch_id, gens = self.service.decode([b.id for b in request.batches])
+        return pb.DecodeResponse(
+            generations=[_generation(g) for g in gens],
+            batch=pb.CachedBatch(id=batch_id, request_ids=[g.request_id for g in gens]),
+        )
+
+    def FilterBatch(self, request: pb.FilterBatchRequest, context: grpc.ServicerContext) -> pb.FilterBatchResponse:
+        with _status(context):
+            kept = self.service.filter(request.batch_id, list(request.request_ids))
+        return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id, request_ids=kept))
+
+    def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
+        self.service.clear(request.batch_id if request.HasField("batch_id") else None)
+        return pb.ClearCacheResponse()
+
+    def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
+        with _status(context):
+            adapter = self.load(request.id, request.path)
+        return pb.LoadAdapterResponse(adapter=adapter_info(adapter))
+
+    def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        with _status(context):
+            self.service.store.unload(request.id)
+        return pb.UnloadAdapterResponse()
+
+    def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersResponse:
+        store = self.service.store
+        return pb.ListAdaptersResponse(adapters=[adapter_info(store.get(i)) for i in store.ids()])
+
+
+def serve(servicer: ShardServicer, address: str, **options: Any) -> grpc.Server:
+    """Start a gRPC server on ``address`` (``unix:///path`` or ``host:port``) and return it."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    pb_grpc.add_ShardServicer_to_server(servicer, server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server

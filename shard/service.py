@@ -1,0 +1,144 @@
+"""The shard's batch state: cached batches by id, prefill / decode / filter, token choice per request."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from shard.lora.config import AdapterError
+from shard.lora.store import AdapterStore
+from shard.runner import ModelRunner, Sequence
+from shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    request_id: int
+    input_ids: list[int]
+    adapter_id: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class Generation:
+    request_id: int
+    choice: Choice
+    prefill: list[tuple[int, float]] | None = None  # prompt tokens and their logprobs (first one: nan)
+
+
+@dataclass
+class _Entry:
+    seq: Sequence
+    chooser: TokenChooser
+
+
+class BatchError(ValueError):
+    """A call names a batch or request the shard does not hold."""
+
+
+class ShardService:
+    """Everything a shard does between gRPC and the model; one lock serialises model work."""
+
+    def __init__(self, runner: ModelRunner, store: AdapterStore) -> None:
+        self.runner = runner
+        self.store = store
+        self._batches: dict[int, list[_Entry]] = {}
+        self.lock = threading.Lock()
+
+    def prefill(self, batch_id: int, requests: Seq[NewRequest]) -> list[Generation]:
+        with self.lock:
+            if batch_id in self._batches:
+                raise BatchError(f"batch {batch_id} already exists")
+            if not requests:
+                raise BatchError("a batch needs at least one request")
+            # Resolve every adapter before touching the cache, so a bad id fails the call cleanly.
+            adapters = [self.store.get(r.adapter_id) if r.adapter_id else None for r in requests]
+            entries = [
+                _Entry(Sequence(r.request_id, list(r.input_ids), a), TokenChooser(r.sampling, r.top_n_tokens))
+                for r, a in zip(requests, adapters, strict=True)
+            ]
+            want_prefill = any(r.prefill_logprobs for r in requests)
+            seqs = [e.seq for e in entries]
+            try:
+                logits = self.runner.prefill(seqs, all_logits=want_prefill)
+            except BaseException:
+                for s in seqs:
+                    self.runner.release(s)
+                raise
+            prefill_details: list[list[tuple[int, float]] | None] = [None] * len(requests)
+            if want_prefill:
+                ends = torch.tensor([len(r.input_ids) for r in requests]).cumsum(0)
+                all_logprobs = logits.log_softmax(-1)
+                for i, r in enumerate(requests):
+                    if r.prefill_logprobs:
+                        start = int(ends[i]) - len(r.input_ids)
+                        rows = all_logprobs[start : int(ends[i]) - 1]
+                        lps = rows[torch.arange(len(r.input_ids) - 1), torch.tensor(r.input_ids[1:])].tolist()
+                        prefill_details[i] = list(zip(r.input_ids, [float("nan"), *lps], strict=True))
+                logits = logits[ends - 1]
+            gens = self._choose(entries, logits)
+            self._batches[batch_id] = entries
+            return [
+                Generation(g.request_id, g.choice, prefill_details[i]) if prefill_details[i] else g
+                for i, g in enumerate(gens)
+            ]
+
+    def decode(self, batch_ids: Seq[int]) -> tuple[int, list[Generation]]:
+        """Concatenate the batches (into the first id) and run one token of each request."""
+        with self.lock:
+            missing = [b for b in batch_ids if b not in self._batches]
+            if missing or not batch_ids:
+                raise BatchError(f"unknown batch ids {missing}")
+            first = batch_ids[0]
+            for other in batch_ids[1:]:
+                self._batches[first].extend(self._batches.pop(other))
+            entries = self._batches[first]
+            if not entries:
+                return first, []
+            logits = self.runner.decode([e.seq for e in entries])
+            return first, self._choose(entries, logits)
+
+    def filter(self, batch_id: int, keep: Seq[int]) -> list[int]:
+        """Keep only ``keep`` in the batch; everyone else's KV blocks are freed now."""
+        with self.lock:
+            if batch_id not in self._batches:
+                raise BatchError(f"unknown batch id {batch_id}")
+            wanted = set(keep)
+            kept = []
+            for e in self._batches[batch_id]:
+                if e.seq.request_id in wanted:
+                    kept.append(e)
+                else:
+                    self.runner.release(e.seq)
+            if kept:
+                self._batches[batch_id] = kept
+            else:
+                del self._batches[batch_id]
+            return [e.seq.request_id for e in kept]
+
+    def clear(self, batch_id: int | None = None) -> None:
+        with self.lock:
+            ids = list(self._batches) if batch_id is None else [batch_id]
+            for b in ids:
+                for e in self._batches.pop(b, []):
+                    self.runner.release(e.seq)
+
+    def stats(self) -> tuple[int, int, int, int]:
+        """KV blocks used, KV blocks free, cached batches, cached requests."""
+        alloc = self.runner.cache.allocator
+        return alloc.num_used, alloc.num_free, len(self._batches), sum(len(b) for b in self._batches.values())
+
+    def _choose(self, entries: list[_Entry], logits: torch.Tensor) -> list[Generation]:
+        choices = choose_tokens(logits, [e.chooser for e in entries], [e.seq.token_ids for e in entries])
+        for e, c in zip(entries, choices, strict=True):
+            e.seq.token_ids.append(c.token_id)
+        return [Generation(e.seq.request_id, c) for e, c in zip(entries, choices, strict=True)]
+
+    def ensure_adapter(self, adapter_id: str) -> None:
+        if adapter_id and adapter_id not in self.store:
+            raise AdapterError("not_found", f"adapter {adapter_id!r} is not loaded")

@@ -1,0 +1,135 @@
+"""A real shard process and a real router process on a tiny model with 16 PEFT adapters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.factories import make_adapter, tiny_served_model
+
+NUM_ADAPTERS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    grpc_address: str
+    model_dir: Path
+    adapters: list[str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs if p.exists())
+
+
+def start_server(root: Path, model_dir: Path, adapters: dict[str, Path], *router_args: str) -> Server:
+    """Start ``loraplex-shard`` and ``loraplex-router`` as separate processes; wait for /health."""
+    sock = root / f"shard-{free_port()}.sock"
+    port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    spec = ",".join(f"{n}={p}" for n, p in adapters.items())
+    server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", model_dir, list(adapters))
+    shard_log, router_log = root / f"shard-{port}.log", root / f"router-{port}.log"
+    server.logs = [shard_log, router_log]
+    shard_cmd = [
+        sys.executable,
+        "-m",
+        "shard.main",
+        "--model-id",
+        str(model_dir),
+        "--listen",
+        f"unix://{sock}",
+        "--lora-adapters",
+        spec,
+        "--max-batch-total-tokens",
+        "16384",
+        "--block-size",
+        "8",
+    ]
+    server.procs.append(subprocess.Popen(shard_cmd, stdout=shard_log.open("wb"), stderr=subprocess.STDOUT, env=env))
+    router_cmd = [
+        sys.executable,
+        "-m",
+        "router.main",
+        "--shard-uds",
+        f"unix://{sock}",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+        "--max-input-tokens",
+        "200",
+        "--max-total-tokens",
+        "300",
+        "--max-batch-total-tokens",
+        "16384",
+        *router_args,
+    ]
+    server.procs.append(subprocess.Popen(router_cmd, stdout=router_log.open("wb"), stderr=subprocess.STDOUT, env=env))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in server.procs):
+            server.stop()
+            raise RuntimeError("a server process died:\n" + server.log_text())
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError("server did not become healthy:\n" + server.log_text())
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("served")
+    base = tiny_served_model(root / "model")
+    targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear", ["down_proj"]]
+    adapters = {}
+    for i in range(NUM_ADAPTERS):
+        name = f"team-{i % 3}/adapter-{i}"
+        adapters[name] = make_adapter(
+            base,
+            root / f"adapter-{i}",
+            seed=100 + i,
+            r=[1, 4, 8, 16][i % 4],
+            lora_alpha=8,
+            target_modules=targets[i % 4],
+        )
+    return root / "model", adapters
+
+
+@pytest.fixture(scope="session")
+def server(served_model: tuple[Path, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    model_dir, adapters = served_model
+    srv = start_server(tmp_path_factory.mktemp("run"), model_dir, adapters)
+    yield srv
+    srv.stop()
