@@ -1,0 +1,40 @@
+"""The router stays light: importing all of it in a clean interpreter never imports torch (or transformers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+
+from tests.router.conftest import Server
+
+
+def test_router_never_imports_torch() -> None:
+    code = (
+        "import sys, pkgutil, importlib, router, json\n"
+        "for m in pkgutil.walk_packages(router.__path__, 'router.'): importlib.import_module(m.name)\n"
+        "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'cupy'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_docs_info_metrics(server: Server) -> None:
+    assert httpx.get(server.url + "/docs", timeout=10).status_code == 200
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    assert {"/generate", "/generate_stream", "/v1/chat/completions", "/tokenize"} <= set(spec["paths"])
+    info = httpx.get(server.url + "/info", timeout=10).json()
+    assert info["max_total_tokens"] == 300 and info["max_input_tokens"] == 200
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    for name in (
+        "loraplex_queue_size",
+        "loraplex_time_to_first_token_seconds",
+        "loraplex_inter_token_latency_seconds",
+        "loraplex_adapter_requests_total",
+        "loraplex_batch_size",
+        "loraplex_output_tokens_total",
+    ):
+        assert name in metrics
