@@ -30,8 +30,8 @@ run: install
 	$(BIN)/loraplex-generate "What is the capital of France?"
 
 lint: install
-	$(BIN)/ruff check shard kernels loraplex tests benchmarks
-	$(BIN)/ruff format --check shard kernels loraplex tests benchmarks
+	$(BIN)/ruff check shard kernels loraplex router tests benchmarks
+	$(BIN)/ruff format --check shard kernels loraplex router tests benchmarks
 	$(BIN)/mypy
 
 test: install lint

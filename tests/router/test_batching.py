@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.router.conftest import Server, start_server
+from tests.servers import Server, start_server
 
 
 def _metric(text: str, name: str) -> float:

@@ -7,7 +7,7 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 
-from tests.router.conftest import Server
+from tests.servers import Server
 
 
 def _tgi(server: Server, prompt: str, adapter: str | None, n: int = 8) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from loraplex.v1 import generate_pb2 as pb
 from loraplex.v1 import generate_pb2_grpc as pb_grpc
-from tests.router.conftest import Server
+from tests.servers import Server
 
 
 @pytest.fixture()

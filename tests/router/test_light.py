@@ -8,7 +8,7 @@ import sys
 
 import httpx
 
-from tests.router.conftest import Server
+from tests.servers import Server
 
 
 def test_router_never_imports_torch() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.router.conftest import Server
+from tests.servers import Server
 
 BAD_PARAMETERS: list[tuple[dict[str, Any], str]] = [
     ({"max_new_tokens": 0}, "max_new_tokens"),

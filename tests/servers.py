@@ -1,4 +1,4 @@
-"""A real shard process and a real router process on a tiny model with 16 PEFT adapters."""
+"""Real server processes for the tests: a shard and a router on a tiny model, with PEFT adapters."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
-
-from tests.factories import make_adapter, tiny_served_model
 
 NUM_ADAPTERS = 16
 
@@ -106,30 +102,3 @@ def start_server(root: Path, model_dir: Path, adapters: dict[str, Path], *router
         time.sleep(0.3)
     server.stop()
     raise RuntimeError("server did not become healthy:\n" + server.log_text())
-
-
-@pytest.fixture(scope="session")
-def served_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("served")
-    base = tiny_served_model(root / "model")
-    targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear", ["down_proj"]]
-    adapters = {}
-    for i in range(NUM_ADAPTERS):
-        name = f"team-{i % 3}/adapter-{i}"
-        adapters[name] = make_adapter(
-            base,
-            root / f"adapter-{i}",
-            seed=100 + i,
-            r=[1, 4, 8, 16][i % 4],
-            lora_alpha=8,
-            target_modules=targets[i % 4],
-        )
-    return root / "model", adapters
-
-
-@pytest.fixture(scope="session")
-def server(served_model: tuple[Path, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    model_dir, adapters = served_model
-    srv = start_server(tmp_path_factory.mktemp("run"), model_dir, adapters)
-    yield srv
-    srv.stop()
