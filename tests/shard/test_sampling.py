@@ -1,0 +1,53 @@
+"""Token choice: greedy, penalties, top-k / top-p / typical-p filters, seeded draws, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shard.sampling import SamplingParams, TokenChooser, choose_tokens
+
+
+def _logits() -> torch.Tensor:
+    return torch.tensor([2.0, 1.5, 1.0, 0.5, -1.0, -3.0])
+
+
+def test_greedy_rows_take_the_argmax_with_logprobs_and_top_tokens() -> None:
+    logits = torch.stack([_logits(), _logits().flip(0)])
+    out = choose_tokens(logits, [TokenChooser(SamplingParams(), top_n=2), TokenChooser(SamplingParams())], [[], []])
+    assert [c.token_id for c in out] == [0, 5]
+    assert math.isclose(out[0].logprob, float(_logits().log_softmax(-1)[0]), rel_tol=1e-6)
+    assert [t for t, _ in out[0].top_tokens] == [0, 1] and out[1].top_tokens == []
+
+
+def test_top_k_and_top_p_never_draw_outside_their_set() -> None:
+    for params, allowed in (
+        (SamplingParams(do_sample=True, top_k=2, seed=3), {0, 1}),
+        (SamplingParams(do_sample=True, top_p=0.5, seed=3), {0, 1}),
+        (SamplingParams(do_sample=True, typical_p=0.3, seed=3), {0, 1, 2}),
+    ):
+        chooser = TokenChooser(params)
+        drawn = {chooser.choose(chooser.process(_logits(), [])) for _ in range(200)}
+        assert drawn <= allowed and len(drawn) >= 1, (params, drawn)
+    wide = TokenChooser(SamplingParams(do_sample=True, temperature=5.0, seed=1))
+    assert len({wide.choose(wide.process(_logits(), [])) for _ in range(300)}) >= 5
+
+
+def test_same_seed_same_draws_and_different_seed_differs() -> None:
+    def draws(seed: int) -> list[int]:
+        c = TokenChooser(SamplingParams(do_sample=True, temperature=2.0, seed=seed))
+        return [c.choose(c.process(_logits(), [])) for _ in range(40)]
+
+    assert draws(5) == draws(5)
+    assert draws(5) != draws(6)
+
+
+def test_repetition_and_frequency_penalties_push_seen_tokens_down() -> None:
+    rep = TokenChooser(SamplingParams(repetition_penalty=10.0))
+    assert rep.choose(rep.process(_logits(), [0, 0])) == 1
+    freq = TokenChooser(SamplingParams(frequency_penalty=0.4))
+    processed = freq.process(_logits(), [0, 0, 1])
+    assert torch.allclose(processed[:2], torch.tensor([1.2, 1.1])) and processed[2] == 1.0
+    negative = TokenChooser(SamplingParams(repetition_penalty=2.0)).process(_logits(), [5])
+    assert negative[5] == -6.0  # negative scores are multiplied, as in transformers
