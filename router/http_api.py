@@ -67,7 +67,8 @@ async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> Async
             if isinstance(event, ErrorEvent):
                 yield sse({"error": event.message, "error_type": event.error_type})
             elif isinstance(event, TokenEvent):
-                last = entry.end is not None and event.index == len(entry.tokens)
+                if entry.end is not None and event.index == len(entry.tokens):
+                    continue  # the end event carries the last token, with the text and details
                 payload: dict[str, Any] = {
                     "index": event.index,
                     "token": token_json(event.token),
@@ -75,8 +76,6 @@ async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> Async
                     "generated_text": None,
                     "details": None,
                 }
-                if last:
-                    continue  # the end event carries the last token, with the text and details
                 yield sse(payload)
             elif isinstance(event, EndEvent):
                 final = event.tokens[-1] if event.tokens else None

@@ -77,9 +77,7 @@ def _usage(entry: Entry, end: EndEvent) -> dict[str, int]:
     }
 
 
-async def _stream(
-    service: RouterService, entry: Entry, model: str, kind: str, first: dict[str, Any] | None
-) -> AsyncIterator[str]:
+async def _stream(service: RouterService, entry: Entry, model: str, kind: str) -> AsyncIterator[str]:
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -87,7 +85,7 @@ async def _stream(
     def chunk(text: str | None, finish: str | None, usage: dict[str, int] | None = None) -> str:
         if kind == "chat":
             choice: dict[str, Any] = {"index": 0, "delta": {} if text is None else {"content": text}}
-            if first is not None and text is not None and not sent_role:
+            if text is not None and not sent_role:
                 choice["delta"]["role"] = "assistant"
         else:
             choice = {"index": 0, "text": text or ""}
@@ -128,7 +126,7 @@ def openai_routes(service: RouterService) -> APIRouter:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
         name = model if isinstance(model, str) and model else service.info.model_id
         if body.get("stream"):
-            return StreamingResponse(_stream(service, entry, name, kind, {}), media_type="text/event-stream")
+            return StreamingResponse(_stream(service, entry, name, kind), media_type="text/event-stream")
         try:
             end = await service.result(entry)
         except ApiError as exc:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from loraplex.shard.v1 import shard_pb2 as pb
 from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
-
-T = TypeVar("T")
 
 
 class ShardClients:
@@ -22,7 +20,7 @@ class ShardClients:
         self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
         self.stubs = [pb_grpc.ShardStub(c) for c in self.channels]
 
-    async def _all(self, call: Callable[[pb_grpc.ShardStub], Any], timeout: float | None = None) -> Any:
+    async def _all(self, call: Callable[[pb_grpc.ShardStub], Any]) -> Any:
         results = await asyncio.gather(*(call(s) for s in self.stubs))
         return results[0]
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shard.lora.config import AdapterError
 from shard.lora.store import AdapterStore
 from shard.runner import ModelRunner, Sequence
 from shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
@@ -138,7 +137,3 @@ class ShardService:
         for e, c in zip(entries, choices, strict=True):
             e.seq.token_ids.append(c.token_id)
         return [Generation(e.seq.request_id, c) for e, c in zip(entries, choices, strict=True)]
-
-    def ensure_adapter(self, adapter_id: str) -> None:
-        if adapter_id and adapter_id not in self.store:
-            raise AdapterError("not_found", f"adapter {adapter_id!r} is not loaded")
