@@ -77,6 +77,17 @@ class TensorReader:
             raise CheckpointError(f"the checkpoint lacks tensor {name}")
         return self._where[name].get_tensor(name)
 
+    def get_part(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """Only the asked slice of a 1-D or 2-D tensor is read from disk (how each rank loads its shard)."""
+        if rows is None and cols is None:
+            return self.get(name)
+        if name not in self._where:
+            raise CheckpointError(f"the checkpoint lacks tensor {name}")
+        part = self._where[name].get_slice(name)
+        if cols is None:
+            return part[rows]
+        return part[rows if rows is not None else slice(None), cols]
+
     def close(self) -> None:
         self._stack.close()
 

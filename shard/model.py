@@ -14,6 +14,7 @@ from shard.config import ModelConfig
 from shard.kv_cache import KVCache
 from shard.layers import Rotary, apply_rotary, rms_norm
 from shard.lora.plan import LoraBatch
+from shard.parallel import TensorParallel
 
 
 @dataclass
@@ -40,8 +41,12 @@ class CausalLM:
         norm: torch.Tensor,
         lm_head: torch.Tensor,
         dtype: torch.dtype,
+        tp: TensorParallel | None = None,
+        full_config: ModelConfig | None = None,
     ) -> None:
-        self.config = config
+        self.tp = tp or TensorParallel()
+        self.config = config  # this rank's shapes (its heads and MLP slice)
+        self.full_config = full_config or config  # the whole model's, for adapters and clients
         self.embed = embed
         self.layers = layers
         self.norm = norm
@@ -51,16 +56,31 @@ class CausalLM:
         self.rotary = Rotary(config, dtype, embed.device)
 
     @classmethod
-    def load(cls, directory: Path, config: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> CausalLM:
-        """Read a HF Llama-family checkpoint (safetensors) into the fused layout."""
+    def load(
+        cls,
+        directory: Path,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: str = "cpu",
+        tp: TensorParallel | None = None,
+    ) -> CausalLM:
+        """Read a HF Llama-family checkpoint (safetensors) into the fused layout; each rank reads its slice."""
+        tp = tp or TensorParallel()
+        local = tp.local_config(config)
 
-        def t(reader: TensorReader, name: str) -> torch.Tensor:
-            return reader.get(name).to(device=device, dtype=dtype)
+        def t(reader: TensorReader, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+            return reader.get_part(name, rows, cols).to(device=device, dtype=dtype)
 
-        def optional(reader: TensorReader, names: list[str]) -> torch.Tensor | None:
+        def col(reader: TensorReader, name: str, proj: str) -> torch.Tensor:
+            return t(reader, name, rows=tp.out_slice(proj, config))
+
+        def row(reader: TensorReader, name: str, proj: str) -> torch.Tensor:
+            return t(reader, name, cols=tp.in_slice(proj, config))
+
+        def optional(reader: TensorReader, names: list[str], projs: list[str]) -> torch.Tensor | None:
             if not all(n in reader for n in names):
                 return None
-            return torch.cat([t(reader, n) for n in names])
+            return torch.cat([col(reader, n, p) for n, p in zip(names, projs, strict=True)])
 
         with TensorReader(directory) as reader:
             layers = []
@@ -70,21 +90,35 @@ class CausalLM:
                 layers.append(
                     LayerWeights(
                         input_norm=t(reader, p + "input_layernorm.weight"),
-                        qkv=torch.cat([t(reader, f"{attn}{x}_proj.weight") for x in "qkv"]),
-                        qkv_bias=optional(reader, [f"{attn}{x}_proj.bias" for x in "qkv"]),
-                        o=t(reader, attn + "o_proj.weight"),
+                        qkv=torch.cat([col(reader, f"{attn}{x}_proj.weight", f"{x}_proj") for x in "qkv"]),
+                        qkv_bias=optional(
+                            reader, [f"{attn}{x}_proj.bias" for x in "qkv"], [f"{x}_proj" for x in "qkv"]
+                        ),
+                        o=row(reader, attn + "o_proj.weight", "o_proj"),
                         post_norm=t(reader, p + "post_attention_layernorm.weight"),
-                        gate_up=torch.cat([t(reader, mlp + "gate_proj.weight"), t(reader, mlp + "up_proj.weight")]),
-                        gate_up_bias=optional(reader, [mlp + "gate_proj.bias", mlp + "up_proj.bias"]),
-                        down=t(reader, mlp + "down_proj.weight"),
-                        down_bias=optional(reader, [mlp + "down_proj.bias"]),
+                        gate_up=torch.cat(
+                            [
+                                col(reader, mlp + "gate_proj.weight", "gate_proj"),
+                                col(reader, mlp + "up_proj.weight", "up_proj"),
+                            ]
+                        ),
+                        gate_up_bias=optional(
+                            reader, [mlp + "gate_proj.bias", mlp + "up_proj.bias"], ["gate_proj", "up_proj"]
+                        ),
+                        down=row(reader, mlp + "down_proj.weight", "down_proj"),
+                        # A row-parallel bias is added once, by rank 0, before the partial sums meet.
+                        down_bias=(
+                            t(reader, mlp + "down_proj.bias")
+                            if mlp + "down_proj.bias" in reader and tp.rank == 0
+                            else None
+                        ),
                     )
                 )
             embed = t(reader, "model.embed_tokens.weight")
             tied = config.tie_word_embeddings or "lm_head.weight" not in reader
             lm_head = embed if tied else t(reader, "lm_head.weight")
             norm = t(reader, "model.norm.weight")
-        return cls(config, embed, layers, norm, lm_head, dtype)
+        return cls(local, embed, layers, norm, lm_head, dtype, tp, config)
 
     @property
     def weight_bytes(self) -> int:
@@ -96,6 +130,11 @@ class CausalLM:
                 if tensor is not None:
                     seen[tensor.data_ptr()] = tensor.nbytes
         return sum(seen.values())
+
+    @property
+    def sharded_weight_bytes(self) -> int:
+        """Bytes of the tensor-parallel weights (q/k/v/o and MLP) this rank holds."""
+        return sum(w.qkv.nbytes + w.o.nbytes + w.gate_up.nbytes + w.down.nbytes for w in self.layers)
 
     def forward(
         self,
@@ -121,7 +160,7 @@ class CausalLM:
             o = F.linear(a, w.o)
             if lora is not None:
                 lora.apply("o", i, a, o)
-            x = x + o
+            x = x + self.tp.all_reduce(o)
             h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
             gate_up = F.linear(h, w.gate_up, w.gate_up_bias)
             if lora is not None:
@@ -131,7 +170,7 @@ class CausalLM:
             down = F.linear(act, w.down, w.down_bias)
             if lora is not None:
                 lora.apply("down", i, act, down)
-            x = x + down
+            x = x + self.tp.all_reduce(down)
         if logits_rows is not None:
             x = x[logits_rows]
         x = rms_norm(x, self.norm, cfg.rms_norm_eps)

@@ -14,6 +14,7 @@ from shard.kv_cache import KVCache, KVCacheFull
 from shard.lora.adapter import LoraAdapter
 from shard.lora.plan import LoraBatch
 from shard.model import CausalLM
+from shard.parallel import TensorParallel
 
 
 @dataclass(eq=False)
@@ -173,11 +174,13 @@ def build_runner(
     device: str = "cpu",
     kv_blocks: int = 1024,
     block_size: int = 16,
+    tp: TensorParallel | None = None,
 ) -> ModelRunner:
-    """Load a checkpoint directory and give it a KV cache of ``kv_blocks`` blocks."""
+    """Load a checkpoint directory (this rank's slice) and give it a KV cache of ``kv_blocks`` blocks."""
     config = ModelConfig.from_dir(directory)
-    model = CausalLM.load(directory, config, dtype, device)
-    cache = KVCache(config, kv_blocks, block_size, num_kv_heads=config.num_kv_heads, dtype=dtype, device=device)
+    model = CausalLM.load(directory, config, dtype, device, tp)
+    local = model.config
+    cache = KVCache(local, kv_blocks, block_size, num_kv_heads=local.num_kv_heads, dtype=dtype, device=device)
     # PyTorch's CPU bfloat16 batched GEMV streams ~4x fewer bytes/s than float32 (measured on AMX
     # hardware), so on the CPU LoRA runs in float32 whatever the base dtype.
     return ModelRunner(model, cache, lora_dtype=torch.float32 if device == "cpu" else None)

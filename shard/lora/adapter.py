@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from shard.config import ModelConfig
 from shard.lora.config import PROJECTIONS, AdapterError, LoraConfig, read_config
+from shard.parallel import COLUMN_PARALLEL, TensorParallel
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -106,8 +107,15 @@ def load_adapter(
     max_rank: int,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    tp: TensorParallel | None = None,
 ) -> LoraAdapter:
-    """Read, validate and lay out one PEFT LoRA adapter; raises ``AdapterError`` naming the problem."""
+    """Read, validate and lay out one PEFT LoRA adapter; raises ``AdapterError`` naming the problem.
+
+    ``config`` is the whole model's; under tensor parallelism each rank keeps the slice that matches its
+    base layer: B's output rows for column-parallel projections, A's input columns for row-parallel ones
+    (the rank-r partial products then sum with the base layer's partial outputs in its all-reduce).
+    """
+    tp = tp or TensorParallel()
     if not directory.is_dir():
         raise AdapterError("not_found", f"adapter directory {directory.name!r} does not exist")
     lora = read_config(directory)
@@ -126,7 +134,7 @@ def load_adapter(
         per_proj.setdefault(proj, {})[layer] = (a, b, scale)
     if not per_proj:
         raise AdapterError("corrupt", "no LoRA weights fall in the layers named by layers_to_transform")
-    projections = {proj: _stack(layers, config, proj, dtype, device) for proj, layers in per_proj.items()}
+    projections = {proj: _stack(layers, config, proj, dtype, device, tp) for proj, layers in per_proj.items()}
     return LoraAdapter(adapter_id, projections, weight_bytes, source=str(directory))
 
 
@@ -163,12 +171,17 @@ def _stack(
     proj: str,
     dtype: torch.dtype,
     device: torch.device | str,
+    tp: TensorParallel,
 ) -> ProjectionWeights:
-    in_features, out_features = config.projection_shape(proj)
+    in_features, out_features = tp.local_config(config).projection_shape(proj)
     rank = max(a.shape[0] for a, _, _ in layers.values())
     a_all = torch.zeros(config.num_layers, in_features, rank, dtype=dtype, device=device)
     b_all = torch.zeros(config.num_layers, rank, out_features, dtype=dtype, device=device)
     for layer, (a, b, scale) in layers.items():
+        if proj in COLUMN_PARALLEL:
+            b = b[tp.out_slice(proj, config)]
+        else:
+            a = a[:, tp.in_slice(proj, config)]
         r = a.shape[0]
         a_all[layer, :, :r] = a.t().to(dtype)
         # Scaling is folded into B in float32 so that bfloat16 storage rounds once, not twice.

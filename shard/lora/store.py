@@ -10,6 +10,7 @@ import torch
 from shard.config import ModelConfig
 from shard.lora.adapter import LoraAdapter, load_adapter
 from shard.lora.config import AdapterError
+from shard.parallel import TensorParallel
 
 DEFAULT_MAX_LORA_RANK = 128
 
@@ -24,8 +25,10 @@ class AdapterStore:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         max_rank: int = DEFAULT_MAX_LORA_RANK,
+        tp: TensorParallel | None = None,
     ) -> None:
-        self.config = config
+        self.tp = tp or TensorParallel()
+        self.config = config  # the whole model's, not one rank's
         self.dtype = dtype
         self.device = device
         self.max_rank = max_rank
@@ -36,7 +39,13 @@ class AdapterStore:
         """Load (or reload) ``adapter_id`` from a local PEFT directory."""
         # Loading happens outside the lock: readers keep serving while the weights are read.
         adapter = load_adapter(
-            adapter_id, directory, self.config, max_rank=self.max_rank, dtype=self.dtype, device=self.device
+            adapter_id,
+            directory,
+            self.config,
+            max_rank=self.max_rank,
+            dtype=self.dtype,
+            device=self.device,
+            tp=self.tp,
         )
         with self._lock:
             self._adapters[adapter_id] = adapter
