@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,12 @@ def _command(script: str, module: str) -> list[str]:
     return [found] if found else [sys.executable, "-m", module]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as resp:
@@ -62,8 +69,8 @@ def _stop(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse(argv)
-    if args.num_shard != 1:
-        fail("loraplex-launcher", "--num-shard above 1 (tensor parallelism) is not available in this version")
+    if args.num_shard < 1:
+        fail("loraplex-launcher", "--num-shard must be at least 1")
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:

@@ -134,7 +134,8 @@ class Scheduler:
                 raise
             except Exception as exc:  # a shard failed: everyone in flight gets an error, nobody hangs
                 log.exception("batch step failed")
-                await self._fail_all(f"generation failed: {exc}")
+                reason = f"a shard failed ({exc.code().name})" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                await self._fail_all(f"generation failed: {reason}")
 
     async def _step(self) -> None:
         while self.waiting and self.waiting[0].cancelled:
@@ -192,6 +193,8 @@ class Scheduler:
             for e in entries
         ]
         self.metrics.batch_size.observe(len(entries))
+        for e in entries:  # running from now on, so that a failing step reaches them too
+            self.running[e.id] = e
         try:
             resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=requests))
         except grpc.aio.AioRpcError as exc:
@@ -199,10 +202,9 @@ class Scheduler:
                 raise
             kind = "adapter_not_found" if exc.code() == grpc.StatusCode.NOT_FOUND else "generation"
             for e in entries:
+                del self.running[e.id]
                 self._finish(e, ErrorEvent(exc.details() or "prefill failed", kind))
             return
-        for e in entries:
-            self.running[e.id] = e
         self.members[batch_id] = [e.id for e in entries]
         self._handle(resp.generations)
         await self._filter()
@@ -311,6 +313,7 @@ class Scheduler:
         self.running.clear()
         self.members.clear()
         try:
-            await self.shards.clear()
-        except grpc.aio.AioRpcError:
+            # A rank stuck in a collective with a dead peer holds its lock: do not wait for it forever.
+            await asyncio.wait_for(self.shards.clear(), timeout=5.0)
+        except (grpc.aio.AioRpcError, TimeoutError):
             self.healthy = False

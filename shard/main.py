@@ -12,12 +12,13 @@ from loraplex.flags import FlagParser, fail
 from loraplex.logs import setup_logging
 from loraplex.shard.v1 import shard_pb2 as pb
 from shard.checkpoint import CheckpointError, resolve_model_dir
-from shard.config import ModelConfigError
+from shard.config import ModelConfig, ModelConfigError
 from shard.embedded import EmbeddedModelError, embedded_model_dir
 from shard.lora.adapter import LoraAdapter
 from shard.lora.config import AdapterError
 from shard.lora.sources import parse_adapter_specs, resolve_adapter_source
 from shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
+from shard.parallel import TensorParallel, init_tensor_parallel
 from shard.runner import build_runner, parse_dtype
 from shard.server import ShardServicer, serve
 from shard.service import ShardService
@@ -37,6 +38,10 @@ def parser() -> FlagParser:
     p.flag("--max-batch-total-tokens", type=int, default=32768, help="KV cache size in tokens")
     p.flag("--block-size", env="KV_BLOCK_SIZE", type=int, default=16)
     p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
+    p.flag("--rank", type=int, default=0, help="this process's tensor-parallel rank")
+    p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree (number of shard processes)")
+    p.flag("--master-addr", default="127.0.0.1", help="where rank 0 listens for the process group")
+    p.flag("--master-port", type=int, default=29500)
     p.flag("--json-output", action="store_true", help="JSON log lines")
     return p
 
@@ -46,17 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.json_output)
     if args.max_batch_total_tokens < args.block_size or args.block_size < 1:
         fail("loraplex-shard", "--max-batch-total-tokens must hold at least one --block-size block")
+    if not 0 <= args.rank < args.num_shard:
+        fail("loraplex-shard", f"--rank {args.rank} is not in 0..{args.num_shard - 1}")
     try:
         model_dir = resolve_model_dir(args.model_id) if args.model_id else embedded_model_dir()
         dtype = parse_dtype(args.dtype, args.device)
+        config = ModelConfig.from_dir(model_dir)
+        TensorParallel(args.rank, args.num_shard).check(config)  # before waiting for the other ranks
+        init = f"tcp://{args.master_addr}:{args.master_port}"
+        tp = init_tensor_parallel(args.rank, args.num_shard, init, args.device)
         runner = build_runner(
             model_dir,
             dtype=dtype,
             device=args.device,
             kv_blocks=args.max_batch_total_tokens // args.block_size,
             block_size=args.block_size,
+            tp=tp,
         )
-        store = AdapterStore(runner.model.config, dtype=dtype, device=args.device, max_rank=args.max_lora_rank)
+        store = AdapterStore(
+            runner.model.full_config, dtype=dtype, device=args.device, max_rank=args.max_lora_rank, tp=tp
+        )
 
         def load(adapter_id: str, source: str) -> LoraAdapter:
             return store.load(adapter_id, resolve_adapter_source(source or adapter_id))
@@ -68,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise AdapterError(exc.kind, f"adapter {name!r}: {exc}") from exc
     except (CheckpointError, ModelConfigError, EmbeddedModelError, AdapterError, ValueError, OSError) as exc:
         fail("loraplex-shard", str(exc))
-    config = runner.model.config
     info = pb.InfoResponse(
         model_id=args.model_id or str(model_dir),
         dtype=str(dtype).removeprefix("torch."),
@@ -78,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=config.vocab_size,
         eos_token_ids=list(config.eos_token_ids),
         max_lora_rank=args.max_lora_rank,
-        world_size=1,
-        rank=0,
+        world_size=args.num_shard,
+        rank=args.rank,
         max_position_embeddings=config.max_position_embeddings,
         model_dir=str(model_dir),
     )
@@ -87,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         server = serve(ShardServicer(ShardService(runner, store), info, load), args.listen)
     except OSError as exc:
         fail("loraplex-shard", str(exc))
-    log.info("shard ready", extra={"listen": args.listen, "model": str(model_dir), "adapters": store.ids()})
+    log.info(
+        "shard ready",
+        extra={
+            "listen": args.listen,
+            "rank": args.rank,
+            "model": str(model_dir),
+            "adapters": store.ids(),
+            "sharded_weight_bytes": runner.model.sharded_weight_bytes,
+        },
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -45,37 +45,33 @@ class Server:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs if p.exists())
 
 
-def start_server(root: Path, model_dir: Path, adapters: dict[str, Path], *router_args: str) -> Server:
-    """Start ``loraplex-shard`` and ``loraplex-router`` as separate processes; wait for /health."""
-    sock = root / f"shard-{free_port()}.sock"
-    port, grpc_port = free_port(), free_port()
+def start_server(
+    root: Path, model_dir: Path, adapters: dict[str, Path], *router_args: str, num_shard: int = 1
+) -> Server:
+    """Start ``num_shard`` shard processes and a router as separate processes; wait for /health."""
+    port, grpc_port, master = free_port(), free_port(), free_port()
+    socks = [root / f"shard-{port}-{rank}.sock" for rank in range(num_shard)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     spec = ",".join(f"{n}={p}" for n, p in adapters.items())
     server = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", model_dir, list(adapters))
-    shard_log, router_log = root / f"shard-{port}.log", root / f"router-{port}.log"
-    server.logs = [shard_log, router_log]
-    shard_cmd = [
-        sys.executable,
-        "-m",
-        "shard.main",
-        "--model-id",
-        str(model_dir),
-        "--listen",
-        f"unix://{sock}",
-        "--lora-adapters",
-        spec,
-        "--max-batch-total-tokens",
-        "16384",
-        "--block-size",
-        "8",
-    ]
-    server.procs.append(subprocess.Popen(shard_cmd, stdout=shard_log.open("wb"), stderr=subprocess.STDOUT, env=env))
+    router_log = root / f"router-{port}.log"
+    for rank, sock in enumerate(socks):
+        shard_log = root / f"shard-{port}-{rank}.log"
+        server.logs.append(shard_log)
+        shard_cmd = [
+            sys.executable, "-m", "shard.main", "--model-id", str(model_dir), "--listen", f"unix://{sock}",
+            "--lora-adapters", spec, "--max-batch-total-tokens", "16384", "--block-size", "8",
+            "--rank", str(rank), "--num-shard", str(num_shard), "--master-port", str(master),
+        ]  # fmt: skip
+        server.procs.append(subprocess.Popen(shard_cmd, stdout=shard_log.open("wb"), stderr=subprocess.STDOUT, env=env))
+    server.logs.append(router_log)
+    sock = ",".join(f"unix://{s}" for s in socks)
     router_cmd = [
         sys.executable,
         "-m",
         "router.main",
         "--shard-uds",
-        f"unix://{sock}",
+        sock,
         "--port",
         str(port),
         "--grpc-port",

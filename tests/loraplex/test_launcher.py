@@ -15,7 +15,9 @@ import pytest
 from tests.servers import free_port
 
 
-def _launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _launch(
+    model_dir: Path, adapters: dict[str, Path], log: Path, num_shard: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     spec = ",".join(f"{n}={p}" for n, p in list(adapters.items())[:2])
     cmd = [
@@ -36,6 +38,8 @@ def _launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> tuple[subp
         "300",
         "--max-batch-total-tokens",
         "8192",
+        "--num-shard",
+        str(num_shard),
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -55,6 +59,11 @@ def _launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> tuple[subp
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
+
+
+def _is_shard(pid: int) -> bool:
+    args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    return any(a.endswith("loraplex-shard") for a in args)
 
 
 def _alive(pid: int) -> bool:
@@ -84,21 +93,26 @@ def test_serves_then_sigterm_stops_everything_with_exit_0(
     assert not any(_alive(c) for c in children)
 
 
+@pytest.mark.parametrize("num_shard", [1, 2])
 def test_a_dead_shard_takes_the_launcher_down_non_zero(
-    served_model: tuple[Path, dict[str, Path]], tmp_path: Path
+    served_model: tuple[Path, dict[str, Path]], tmp_path: Path, num_shard: int
 ) -> None:
     model_dir, adapters = served_model
-    proc, _ = _launch(model_dir, adapters, tmp_path / "launcher.log")
-    shard = next(c for c in _children(proc.pid) if "shard" in Path(f"/proc/{c}/cmdline").read_text())
-    os.kill(shard, signal.SIGKILL)
+    proc, _ = _launch(model_dir, adapters, tmp_path / "launcher.log", num_shard)
+    children = _children(proc.pid)
+    shards = [c for c in children if _is_shard(c)]
+    assert len(shards) == num_shard
+    os.kill(shards[-1], signal.SIGKILL)
     assert proc.wait(timeout=60) != 0
+    time.sleep(0.5)
+    assert not any(_alive(c) for c in children)
     assert "exited" in (tmp_path / "launcher.log").read_text()
 
 
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--num-shard", "2"], "--num-shard"),
+        (["--num-shard", "0"], "--num-shard"),
         (["--max-input-tokens", "many"], "--max-input-tokens"),
         (["--dtype", "int3"], "--dtype"),
     ],
