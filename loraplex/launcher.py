@@ -27,6 +27,9 @@ def parser() -> FlagParser:
     p.flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.flag("--device", default="cpu")
     p.flag("--max-lora-rank", type=int, default=128)
+    p.flag("--adapter-dirs", default="", help="comma list of roots for adapters loaded on demand")
+    p.flag("--max-active-adapters", type=int, default=64, help="adapters resident on the device at once")
+    p.flag("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
     p.flag("--startup-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     add_serving_flags(p)
     return p
@@ -95,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.max_batch_total_tokens),
                 "--max-lora-rank",
                 str(args.max_lora_rank),
+                "--max-active-adapters",
+                str(args.max_active_adapters),
+                "--max-cpu-adapters",
+                str(args.max_cpu_adapters),
             ]
+            if args.adapter_dirs:
+                cmd += ["--adapter-dirs", args.adapter_dirs]
             if args.model_id:
                 cmd += ["--model-id", args.model_id]
             if args.lora_adapters:

@@ -38,6 +38,13 @@ def parser() -> FlagParser:
     p.flag("--max-batch-total-tokens", type=int, default=32768, help="KV cache size in tokens")
     p.flag("--block-size", env="KV_BLOCK_SIZE", type=int, default=16)
     p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
+    p.flag(
+        "--adapter-dirs",
+        default="",
+        help="comma list of roots; an adapter id that was not preloaded loads on demand from <root>/<id>",
+    )
+    p.flag("--max-active-adapters", type=int, default=64, help="adapters resident on the device at once")
+    p.flag("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
     p.flag("--rank", type=int, default=0, help="this process's tensor-parallel rank")
     p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree (number of shard processes)")
     p.flag("--master-addr", default="127.0.0.1", help="where rank 0 listens for the process group")
