@@ -72,7 +72,8 @@ def segment_layout(keys: Sequence[int], device: torch.device | str = "cpu") -> S
             rows.extend(part)
             slots.extend(range(base, base + len(part)))
             chunk_keys.append(key)
-    identity = rows == list(range(num_rows)) and slots == rows
+    # Rows in order and no padding anywhere: the batch already is the layout.
+    identity = len(chunk_keys) * chunk_len == num_rows and rows == list(range(num_rows)) and slots == rows
     return SegmentLayout(
         rows=torch.tensor(rows, dtype=torch.long, device=device),
         slots=torch.tensor(slots, dtype=torch.long, device=device),

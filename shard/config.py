@@ -72,9 +72,7 @@ class ModelConfig:
             hidden = int(raw["hidden_size"])
             heads = int(raw["num_attention_heads"])
             rope_theta, rope_scaling = _rope(raw)
-            sliding = raw.get("sliding_window")
-            if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
-                sliding = None
+            sliding = _sliding_window(arch, raw)
             eos = raw.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
@@ -94,7 +92,7 @@ class ModelConfig:
                 # Qwen2 always has q/k/v biases; Llama/Mistral configs say so explicitly.
                 attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
-                sliding_window=int(sliding) if sliding else None,
+                sliding_window=sliding,
                 eos_token_ids=eos_ids,
                 bos_token_id=raw.get("bos_token_id"),
             )
@@ -113,6 +111,25 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ModelConfigError(f"{cfg} is not valid JSON: {exc}") from exc
         return cls.from_dict(raw)
+
+
+def _sliding_window(arch: str, raw: dict[str, Any]) -> int | None:
+    """The attention window, as transformers reads it for each architecture (None: full attention)."""
+    if arch == "MistralForCausalLM":
+        # MistralConfig's own default applies when the key is absent; an explicit null means full attention.
+        mistral_window = raw.get("sliding_window", 4096)
+        return int(mistral_window) if mistral_window else None
+    if arch == "Qwen2ForCausalLM":
+        layers = int(raw["num_hidden_layers"])
+        if not raw.get("use_sliding_window", False) or int(raw.get("max_window_layers", layers)) >= layers:
+            return None
+        # Qwen2 slides only on the layers from max_window_layers on; one window for all layers would be wrong.
+        raise ModelConfigError(
+            "Qwen2 with use_sliding_window: true and max_window_layers below num_hidden_layers "
+            "(sliding attention on some layers only) is not supported"
+        )
+    window = raw.get("sliding_window")
+    return int(window) if window else None
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any]]:

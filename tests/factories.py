@@ -55,6 +55,19 @@ TINY: dict[str, dict[str, Any]] = {
         max_position_embeddings=256,
         sliding_window=None,
     ),
+    # A window shorter than the test prompts, so that a model ignoring it would diverge.
+    "mistral_sliding": dict(
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=256,
+        sliding_window=4,
+    ),
     "qwen2": dict(
         model_type="qwen2",
         architectures=["Qwen2ForCausalLM"],

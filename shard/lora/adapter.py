@@ -82,7 +82,11 @@ def _parse_keys(
                 raise AdapterError("dora", f"DoRA weights ({key}) are not supported")
             if key.endswith(".bias"):
                 raise AdapterError("bias", f"trained bias {key} is not supported")
-            raise AdapterError("unsupported_target", f"weight {key} targets a module loraplex cannot adapt")
+            raise AdapterError(
+                "unsupported_target",
+                f"weight {key} is not the lora_A/lora_B matrix of a layer projection "
+                "(base_model.model.model.layers.<n>.<self_attn|mlp>.<proj>.lora_<A|B>.weight)",
+            )
         layer, parent, proj, half = int(match[1]), match[2], match[3], match[4]
         if PROJECTIONS.get(proj) != parent:
             raise AdapterError(

@@ -109,7 +109,15 @@ def parse_config(raw: dict[str, Any]) -> LoraConfig:
         )
     if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
         raise AdapterError("bias", f"bias training (bias: {raw.get('bias')!r}) is not supported; use bias: none")
-    for unsupported in ("layer_replication", "trainable_token_indices", "target_parameters", "use_qalora"):
+    for unsupported in (
+        "layer_replication",
+        "trainable_token_indices",
+        "target_parameters",
+        "use_qalora",
+        "alora_invocation_tokens",  # activated LoRA: applies only after an invocation sequence
+        "arrow_config",
+        "use_bdlora",
+    ):
         if raw.get(unsupported):
             raise AdapterError("unsupported_config", f"{unsupported} is not supported")
     try:
@@ -119,9 +127,13 @@ def parse_config(raw: dict[str, Any]) -> LoraConfig:
         raise AdapterError("bad_config", f"adapter_config.json needs an integer r: {exc!r}") from exc
     if r < 1:
         raise AdapterError("bad_config", f"rank r must be at least 1, got {r}")
+    # PEFT treats an absent, null or empty list alike: every layer.
     layers = raw.get("layers_to_transform")
-    if isinstance(layers, int):
+    if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
+    layers = layers or None
+    if layers is not None and (not isinstance(layers, list) or not all(isinstance(x, int) for x in layers)):
+        raise AdapterError("bad_config", f"layers_to_transform must be an integer or a list of integers: {layers!r}")
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):

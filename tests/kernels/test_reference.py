@@ -22,6 +22,9 @@ MIXES = {
     "interleaved": lambda n, g: [i % 4 for i in range(n)],
     "zipf": lambda n, g: _zipf_keys(n, 12, g),
     "nobody": lambda n, g: [-1] * n,
+    # Rows already in order but segments of unequal length: padded, so the layout is not the batch.
+    "ordered_ragged": lambda n, g: [0] * (n - n // 3) + [1] * (n // 3),
+    "ordered_two_one": lambda n, g: [i * 3 // n for i in range(n)] if n > 2 else [0] * n,
 }
 
 
@@ -60,5 +63,8 @@ def test_layout_groups_rows_and_bounds_padding() -> None:
     assert decode.identity and decode.chunk_len == 1 and decode.num_chunks == 64
     one = segment_layout([0] * 64)
     assert one.identity and one.num_chunks == 1
+    for keys in ([0, 0, 1], [0, 0, 0, 1], [0] * 8 + [1] * 5):
+        ragged = segment_layout(keys)
+        assert not ragged.identity and ragged.num_chunks * ragged.chunk_len > len(keys)
     skewed = segment_layout([0] + [1] * 999)
     assert skewed.num_chunks * skewed.chunk_len <= 2 * 1000  # a long segment does not pad the short one to its length

@@ -95,3 +95,17 @@ def test_hub_id_resolves_from_the_offline_cache(tmp_path: Path) -> None:
     missing = code.replace("acme/tiny-llama", "acme/absent")
     proc = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0 and "neither a local directory nor reachable" in proc.stderr
+
+
+def test_sliding_window_read_as_transformers_reads_it() -> None:
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4}
+    base |= {"vocab_size": 100}
+    mistral = {**base, "architectures": ["MistralForCausalLM"]}
+    assert ModelConfig.from_dict(mistral).sliding_window == 4096  # MistralConfig's default when the key is absent
+    assert ModelConfig.from_dict({**mistral, "sliding_window": None}).sliding_window is None
+    assert ModelConfig.from_dict({**mistral, "sliding_window": 32}).sliding_window == 32
+    qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 32}
+    assert ModelConfig.from_dict(qwen).sliding_window is None  # use_sliding_window defaults to false
+    assert ModelConfig.from_dict({**qwen, "use_sliding_window": True, "max_window_layers": 4}).sliding_window is None
+    with pytest.raises(ModelConfigError, match="some layers only"):
+        ModelConfig.from_dict({**qwen, "use_sliding_window": True, "max_window_layers": 2})

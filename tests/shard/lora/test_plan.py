@@ -79,3 +79,28 @@ def test_rows_whose_adapter_lacks_a_site_are_left_alone(tmp_path: Path) -> None:
     plan.apply("qkv", 0, x, qkv)
     assert not torch.equal(qkv[0], untouched[0]) and torch.equal(qkv[1], untouched[1])
     assert torch.equal(qkv[0, runner.model.config.q_size :], untouched[0, runner.model.config.q_size :])
+
+
+def test_decode_batch_of_ordered_unequal_segments_equals_solo_runs(tmp_path: Path) -> None:
+    # [a, a, b] with no base rows: rows already in segment order, yet the layout is padded.
+    base = tiny_model(tmp_path / "base", "llama")
+    make_adapter(base, tmp_path / "a", r=4, target_modules="all-linear")
+    make_adapter(base, tmp_path / "b", seed=1, r=2, target_modules=["q_proj", "down_proj"])
+    runner = build_runner(tmp_path / "base", kv_blocks=32, block_size=4)
+    store = AdapterStore(runner.model.config, dtype=torch.float32)
+    adapters = [store.load("a", tmp_path / "a"), store.load("b", tmp_path / "b")]
+    rows = [adapters[0], adapters[0], adapters[1]]
+
+    def decode_logits(members: list[int]) -> torch.Tensor:
+        seqs = [Sequence(i, [5 + i, 9, 4], rows[i]) for i in members]
+        runner.prefill(seqs)
+        for s in seqs:
+            s.token_ids.append(7)
+        out = runner.decode(seqs)
+        for s in seqs:
+            runner.release(s)
+        return out
+
+    together = decode_logits([0, 1, 2])
+    for i in range(3):
+        torch.testing.assert_close(together[i], decode_logits([i])[0], rtol=1e-5, atol=1e-5)

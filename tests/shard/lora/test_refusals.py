@@ -111,6 +111,20 @@ def _half_pair(env: dict[str, Any], tmp: Path) -> Path:
     return d
 
 
+def _alora(env: dict[str, Any], tmp: Path) -> Path:
+    d = _copy_good(env, tmp)
+    _edit_config(d, alora_invocation_tokens=[5, 9])
+    return d
+
+
+def _unknown_tensor(env: dict[str, Any], tmp: Path) -> Path:
+    d = _copy_good(env, tmp)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 8)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    return d
+
+
 def _missing_dir(env: dict[str, Any], tmp: Path) -> Path:
     return tmp / "nowhere"
 
@@ -129,6 +143,8 @@ CASES: list[tuple[Callable[[dict[str, Any], Path], Path], str, str]] = [
     (_truncated, "corrupt", "corrupt or truncated"),
     (_bad_json, "corrupt", "not valid JSON"),
     (_half_pair, "corrupt", "not its other half"),
+    (_alora, "unsupported_config", "alora_invocation_tokens"),
+    (_unknown_tensor, "unsupported_target", "lora_embedding_A is not the lora_A/lora_B matrix"),
     (_missing_dir, "not_found", "does not exist"),
 ]
 
@@ -166,3 +182,14 @@ def test_unload_and_unknown_ids(env: dict[str, Any]) -> None:
     assert info.value.kind == "not_found"
     with pytest.raises(AdapterError, match="not loaded"):
         store.unload("good")
+
+
+def test_empty_layers_to_transform_means_every_layer(env: dict[str, Any], tmp_path: Path) -> None:
+    runner = env["runner"]
+    store = AdapterStore(runner.model.config, dtype=torch.float32)
+    listed = _copy_good(env, tmp_path)
+    _edit_config(listed, layers_to_transform=[])  # PEFT reads an empty list as "no restriction"
+    prompt = [5, 9, 2, 33]
+    good = runner.generate_greedy([(prompt, store.load("good", env["good"]))], 6)
+    assert runner.generate_greedy([(prompt, store.load("listed", listed))], 6) == good
+    assert runner.generate_greedy([(prompt, None)], 6) != good  # the adapter does change the output
