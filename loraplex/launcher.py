@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             "hostname",
             "port",
             "grpc_port",
+            "adapter_slot_patience",
             "admin_token",
         ):
             value = getattr(args, flag)

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from loraplex import __version__
+from router.admin_api import admin_routes
 from router.http_api import tgi_routes
 from router.openai_api import OpenAIError, openai_routes
 from router.service import ApiError, RouterService
+from router.tenancy import is_admin
+
+# Probes and scrapers carry no key.
+_OPEN_PATHS = ("/health", "/metrics")
+
+
+def _refusal(path: str, status: int, error_type: str, message: str) -> JSONResponse:
+    if path.startswith("/v1/"):
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": error_type}}
+        return JSONResponse(body, status_code=status)
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
 
 
 def create_app(service: RouterService) -> FastAPI:
@@ -27,6 +39,22 @@ def create_app(service: RouterService) -> FastAPI:
             task.cancel()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        header = request.headers.get("authorization")
+        if path.startswith("/admin"):
+            if not service.settings.admin_token:
+                return _refusal(path, 403, "forbidden", "the admin API is off: start the router with --admin-token")
+            if not is_admin(header, service.settings.admin_token):
+                return _refusal(path, 401, "unauthorized", "the admin token is required (Authorization: Bearer)")
+        elif service.tenants is not None and path not in _OPEN_PATHS:
+            tenant = service.tenants.for_authorization(header)
+            if tenant is None:
+                return _refusal(path, 401, "unauthorized", "a valid API key is required (Authorization: Bearer)")
+            request.state.tenant = tenant
+        return await call_next(request)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -54,4 +82,5 @@ def create_app(service: RouterService) -> FastAPI:
 
     app.include_router(tgi_routes(service))
     app.include_router(openai_routes(service))
+    app.include_router(admin_routes(service))
     return app

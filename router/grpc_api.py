@@ -10,10 +10,12 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from loraplex import __version__
+from loraplex.shard.v1 import shard_pb2 as shard_pb
 from loraplex.v1 import generate_pb2 as pb
 from loraplex.v1 import generate_pb2_grpc as pb_grpc
 from router.scheduler import EndEvent, ErrorEvent, TokenEvent, TokenInfo
 from router.service import ApiError, RouterService
+from router.tenancy import Tenant, is_admin
 from router.validation import GenerateParameters, ValidationError, validate_parameters
 
 _CODES = {
@@ -23,7 +25,16 @@ _CODES = {
     "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
     "forbidden": grpc.StatusCode.PERMISSION_DENIED,
     "generation": grpc.StatusCode.UNAVAILABLE,
+    "adapter_invalid": grpc.StatusCode.FAILED_PRECONDITION,
+    "adapter_in_use": grpc.StatusCode.FAILED_PRECONDITION,
 }
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ApiError) -> NoReturn:
@@ -63,10 +74,24 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
     def __init__(self, service: RouterService) -> None:
         self.service = service
 
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant | None:
+        tenants = self.service.tenants
+        if tenants is None:
+            return None
+        tenant = tenants.for_authorization(_authorization(context))
+        if tenant is None:
+            await _abort(context, ApiError(401, "unauthorized", "a valid API key is required (authorization: Bearer)"))
+        return tenant
+
+    async def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        if not is_admin(_authorization(context), self.service.settings.admin_token):
+            await _abort(context, ApiError(401, "unauthorized", "the admin token is required"))
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        tenant = await self._tenant(context)
         try:
             params = _parameters(self.service, request.parameters)
-            entry = self.service.prepare(request.inputs, params)
+            entry = await self.service.prepare(request.inputs, params, tenant)
             end = await self.service.result(entry)
         except ApiError as exc:
             await _abort(context, exc)
@@ -78,9 +103,10 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
+        tenant = await self._tenant(context)
         try:
             params = _parameters(self.service, request.parameters)
-            entry = self.service.prepare(request.inputs, params)
+            entry = await self.service.prepare(request.inputs, params, tenant)
         except ApiError as exc:
             await _abort(context, exc)
         try:
@@ -134,13 +160,40 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        adapters = await self.service.scheduler.shards.list_adapters()
-        return pb.ListAdaptersResponse(
-            adapters=[
-                pb.AdapterInfo(id=a.id, rank=a.rank, targets=a.targets, bytes=a.bytes, tier=a.tier, requests=a.requests)
-                for a in adapters
-            ]
-        )
+        tenant = await self._tenant(context)
+        return pb.ListAdaptersResponse(adapters=[_adapter(a) for a in await self.service.visible_adapters(tenant)])
+
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadAdapterResponse:
+        await self._admin(context)
+        try:
+            info = await self.service.load_adapter(request.id)
+        except ApiError as exc:
+            await _abort(context, exc)
+        return pb.LoadAdapterResponse(adapter=_adapter(info))
+
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        await self._admin(context)
+        try:
+            await self.service.unload_adapter(request.id)
+        except ApiError as exc:
+            await _abort(context, exc)
+        return pb.UnloadAdapterResponse()
+
+
+def _adapter(a: shard_pb.AdapterInfo) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        id=a.id,
+        rank=a.rank,
+        targets=a.targets,
+        bytes=a.bytes,
+        tier=a.tier,
+        requests=a.requests,
+        load_seconds=a.load_seconds,
+    )
 
 
 async def serve_grpc(service: RouterService, address: str) -> grpc.aio.Server:

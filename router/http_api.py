@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from loraplex import __version__
 from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent, TokenInfo
 from router.service import ApiError, RouterService
+from router.tenancy import Tenant
 from router.validation import GenerateParameters, ValidationError, validate_parameters
 
 
@@ -54,6 +55,11 @@ def parse_parameters(service: RouterService, raw: dict[str, Any]) -> GeneratePar
         return validate_parameters(raw, service.settings)
     except ValidationError as exc:
         raise ApiError(422, "validation", str(exc)) from exc
+
+
+def tenant_of(request: Request) -> Tenant | None:
+    """The caller's tenant, set by the app's key check (None on an open server)."""
+    return getattr(request.state, "tenant", None)
 
 
 def sse(data: dict[str, Any]) -> str:
@@ -102,33 +108,33 @@ async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> Async
 def tgi_routes(service: RouterService) -> APIRouter:
     api = APIRouter()
 
-    async def generate(body: GenerateBody) -> dict[str, Any]:
+    async def generate(body: GenerateBody, tenant: Tenant | None) -> dict[str, Any]:
         params = parse_parameters(service, body.parameters)
-        entry = service.prepare(body.inputs, params)
+        entry = await service.prepare(body.inputs, params, tenant)
         end = await service.result(entry)
         out: dict[str, Any] = {"generated_text": service.full_text(body.inputs, end, params)}
         if params.details:
             out["details"] = details_json(end, params)
         return out
 
-    def stream(body: GenerateBody) -> StreamingResponse:
+    async def stream(body: GenerateBody, tenant: Tenant | None) -> StreamingResponse:
         params = parse_parameters(service, body.parameters)
-        entry = service.prepare(body.inputs, params)  # errors before the first token keep their status
+        entry = await service.prepare(body.inputs, params, tenant)  # errors before the first token keep their status
         return StreamingResponse(tgi_stream(service, entry, body.inputs), media_type="text/event-stream")
 
     @api.post("/", summary="TGI compatible generate (streams when stream is true)")
-    async def compat(body: GenerateBody) -> Any:
+    async def compat(body: GenerateBody, request: Request) -> Any:
         if body.stream:
-            return stream(body)
-        return [await generate(body)]
+            return await stream(body, tenant_of(request))
+        return [await generate(body, tenant_of(request))]
 
     @api.post("/generate", summary="Generate text")
-    async def generate_route(body: GenerateBody) -> dict[str, Any]:
-        return await generate(body)
+    async def generate_route(body: GenerateBody, request: Request) -> dict[str, Any]:
+        return await generate(body, tenant_of(request))
 
     @api.post("/generate_stream", summary="Generate text as server-sent events")
-    async def generate_stream(body: GenerateBody) -> StreamingResponse:
-        return stream(body)
+    async def generate_stream(body: GenerateBody, request: Request) -> StreamingResponse:
+        return await stream(body, tenant_of(request))
 
     @api.get("/health", summary="200 when every shard answers, 503 otherwise")
     async def health() -> Response:
@@ -164,6 +170,11 @@ def tgi_routes(service: RouterService) -> APIRouter:
         try:
             health = await service.scheduler.shards.health(timeout=2.0)
             service.scheduler.metrics.kv_blocks_used.set(health.kv_blocks_used)
+            m = service.scheduler.metrics
+            m.adapter_tier.clear()
+            for a in await service.scheduler.shards.list_adapters():
+                if a.tier in ("host", "device"):
+                    m.adapter_tier.labels(a.id, a.tier).set(1)
         except Exception:
             pass  # metrics stay readable when shards are down
         return Response(service.scheduler.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -12,6 +12,7 @@ import uvicorn
 
 from loraplex.flags import fail
 from loraplex.logs import setup_logging
+from router.adapters import AdapterRegistry
 from router.app import create_app
 from router.grpc_api import serve_grpc
 from router.metrics import Metrics
@@ -19,6 +20,7 @@ from router.scheduler import Scheduler
 from router.service import RouterService, ServerInfo
 from router.settings import RouterSettings, settings_from_args
 from router.shards import ShardClients
+from router.tenancy import Tenants
 from router.tokenizer import TextTokenizer
 
 log = logging.getLogger("loraplex.router")
@@ -26,6 +28,7 @@ log = logging.getLogger("loraplex.router")
 
 async def build_service(settings: RouterSettings, connect_timeout: float = 120.0) -> RouterService:
     """Connect to every rank, read the model's tokenizer and adapter list: the router's whole state."""
+    tenants = Tenants.from_file(settings.api_keys_file) if settings.api_keys_file else None  # fail before waiting
     shards = ShardClients(settings.shard_uds)
     info = await shards.wait_ready(connect_timeout)
     tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
@@ -38,9 +41,10 @@ async def build_service(settings: RouterSettings, connect_timeout: float = 120.0
         device=info.device,
         num_shard=len(settings.shard_uds),
     )
-    service = RouterService(scheduler, tokenizer, settings, server_info)
-    service.adapters = {a.id for a in await shards.list_adapters()}
-    return service
+    scheduler.adapter_slots = info.max_active_adapters or scheduler.adapter_slots
+    registry = AdapterRegistry(shards, info.max_active_adapters + info.max_cpu_adapters, scheduler.metrics)
+    await registry.sync()
+    return RouterService(scheduler, tokenizer, settings, server_info, registry, tenants)
 
 
 async def serve(settings: RouterSettings) -> None:

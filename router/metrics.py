@@ -33,5 +33,21 @@ class Metrics:
             "loraplex_adapter_tokens", "Generated tokens per adapter", ["adapter"], registry=r
         )
 
+        self.adapter_load_seconds = Gauge(
+            "loraplex_adapter_load_seconds", "Seconds the adapter's last load took", ["adapter"], registry=r
+        )
+        self.adapter_tier = Gauge(
+            "loraplex_adapter_tier",
+            "1 for the tier each loaded adapter is in (host or device)",
+            ["adapter", "tier"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "loraplex_queue_wait_seconds", "Time from queueing to prefill", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.longest_queue_wait = Gauge(
+            "loraplex_queue_wait_longest_seconds", "Longest time any request waited for prefill", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

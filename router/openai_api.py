@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from router.http_api import request_json
+from router.http_api import request_json, tenant_of
 from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent
-from router.service import ApiError, RouterService, adapter_not_found
+from router.service import ApiError, RouterService
 from router.tokenizer import TemplateFailure
 from router.validation import ValidationError, validate_parameters
 
@@ -28,16 +28,13 @@ class OpenAIError(ApiError):
 
 
 def resolve_model(service: RouterService, model: Any) -> str:
-    """The adapter a ``model`` field names ("" for the base); unknown names are 404, never the base."""
+    """The adapter a ``model`` field names ("" for the base); unknown names are 404 later, never the base."""
     if model is None:
         return ""
     if not isinstance(model, str):
         raise OpenAIError(422, "validation", "`model` must be a string")
     if model in BASE_ALIASES or model == service.info.model_id or model.startswith(("http://", "https://")):
         return ""
-    if not service.known_adapter(model):
-        err = adapter_not_found(model)
-        raise OpenAIError(err.status, err.error_type, err.message)
     return model
 
 
@@ -116,12 +113,12 @@ async def _stream(service: RouterService, entry: Entry, model: str, kind: str) -
 def openai_routes(service: RouterService) -> APIRouter:
     api = APIRouter()
 
-    async def run(body: dict[str, Any], prompt: str, kind: str) -> Any:
+    async def run(request: Request, body: dict[str, Any], prompt: str, kind: str) -> Any:
         model = body.get("model")
         adapter = resolve_model(service, model)
         params = _params(service, body, adapter)
         try:
-            entry = service.prepare(prompt, params)
+            entry = await service.prepare(prompt, params, tenant_of(request))
         except ApiError as exc:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
         name = model if isinstance(model, str) and model else service.info.model_id
@@ -159,7 +156,7 @@ def openai_routes(service: RouterService) -> APIRouter:
             prompt = service.tokenizer.apply_chat_template(messages)
         except TemplateFailure as exc:
             raise OpenAIError(422, "validation", str(exc)) from exc
-        return await run(body, prompt, "chat")
+        return await run(request, body, prompt, "chat")
 
     @api.post("/v1/completions", summary="OpenAI completions; `model` names the adapter")
     async def completions(request: Request) -> Any:
@@ -169,12 +166,14 @@ def openai_routes(service: RouterService) -> APIRouter:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise OpenAIError(422, "validation", "`prompt` must be a string")
-        return await run(body, prompt, "completion")
+        return await run(request, body, prompt, "completion")
 
     @api.get("/v1/models", summary="The base model and every adapter the caller may use")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
         created = int(time.time())
-        names = [service.info.model_id, *sorted(service.adapters)]
+        tenant = tenant_of(request)
+        base = [service.info.model_id] if tenant is None or tenant.base else []
+        names = [*base, *(a.id for a in await service.visible_adapters(tenant))]
         return {
             "object": "list",
             "data": [{"id": n, "object": "model", "created": created, "owned_by": "loraplex"} for n in names],

@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -103,6 +104,9 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self.healthy = True
+        self.adapter_slots = 1 << 30  # the shards' --max-active-adapters, set once they are known
+        self.on_finish: Callable[[Entry], None] | None = None
+        self.longest_wait = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -149,14 +153,26 @@ class Scheduler:
         self.metrics.running_requests.set(len(self.running))
 
     def _admit(self) -> list[Entry]:
+        """Take waiting requests in arrival order while the token budgets and adapter slots allow.
+
+        A request whose adapter is not on the device needs a free slot (``--max-active-adapters``);
+        slot-needers are served strictly in arrival order. Requests for adapters already running may
+        overtake a slot-needer only while it has waited less than ``--adapter-slot-patience`` seconds;
+        after that nothing overtakes it, the running adapters drain, and it gets the first free slot.
+        So no adapter starves, and a crowd of cold adapters cannot evict the ones in use (no thrash).
+        """
         s = self.settings
+        now = time.monotonic()
         reserved = sum(len(e.input_ids) + e.max_new_tokens for e in self.running.values())
+        active = {e.params.adapter_id for e in self.running.values() if e.params.adapter_id}
         prefill_tokens = 0
         batch: list[Entry] = []
+        kept: deque[Entry] = deque()
+        blocked: Entry | None = None  # the oldest request waiting for an adapter slot
         while self.waiting:
-            e = self.waiting[0]
+            e = self.waiting.popleft()
             if e.cancelled:
-                self._finish(self.waiting.popleft(), None)
+                self._finish(e, None)
                 continue
             need = len(e.input_ids) + e.max_new_tokens
             if (
@@ -164,10 +180,29 @@ class Scheduler:
                 or reserved + need > s.max_batch_total_tokens
                 or len(self.running) + len(batch) >= s.max_batch_size
             ):
+                self.waiting.appendleft(e)
                 break
-            batch.append(self.waiting.popleft())
+            adapter = e.params.adapter_id
+            if adapter and adapter not in active:
+                if blocked is not None or len(active) >= self.adapter_slots:
+                    blocked = blocked or e
+                    kept.append(e)
+                    continue
+                active.add(adapter)
+            elif blocked is not None and now - blocked.queued_at > s.adapter_slot_patience:
+                kept.append(e)
+                continue
+            batch.append(e)
             prefill_tokens += len(e.input_ids)
             reserved += need
+        kept.extend(self.waiting)
+        self.waiting = kept
+        for e in batch:
+            wait = now - e.queued_at
+            self.metrics.queue_wait.observe(wait)
+            if wait > self.longest_wait:
+                self.longest_wait = wait
+                self.metrics.longest_queue_wait.set(wait)
         return batch
 
     async def _prefill(self, entries: list[Entry]) -> None:
@@ -297,6 +332,8 @@ class Scheduler:
 
     def _finish(self, e: Entry, event: Event | None) -> None:
         e.finished = True
+        if self.on_finish is not None:
+            self.on_finish(e)
         if isinstance(event, EndEvent):
             e.end = event
         if event is not None:

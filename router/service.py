@@ -5,24 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from router.scheduler import EndEvent, Entry, ErrorEvent, Event, Scheduler
+from loraplex.adapter_ids import adapter_id_problem
+from loraplex.shard.v1 import shard_pb2 as shard_pb
+from router.adapters import AdapterRegistry
+from router.errors import ApiError, adapter_not_found
+from router.scheduler import EndEvent, Entry, ErrorEvent, Event, Overloaded, Scheduler
 from router.settings import RouterSettings
+from router.tenancy import Tenant, Tenants
 from router.tokenizer import TextTokenizer
 from router.validation import GenerateParameters, ValidationError, check_lengths
-
-
-class ApiError(Exception):
-    """An error with its HTTP status and TGI ``error_type``; gRPC maps the type to a status code."""
-
-    def __init__(self, status: int, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-
-
-def adapter_not_found(adapter_id: str) -> ApiError:
-    return ApiError(404, "adapter_not_found", f"adapter {adapter_id!r} not found")
 
 
 @dataclass
@@ -38,25 +29,47 @@ class RouterService:
     """Turns validated requests into scheduler entries and scheduler events into results."""
 
     def __init__(
-        self, scheduler: Scheduler, tokenizer: TextTokenizer, settings: RouterSettings, info: ServerInfo
+        self,
+        scheduler: Scheduler,
+        tokenizer: TextTokenizer,
+        settings: RouterSettings,
+        info: ServerInfo,
+        registry: AdapterRegistry,
+        tenants: Tenants | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.settings = settings
         self.info = info
-        self.adapters: set[str] = set()
+        self.registry = registry
+        self.tenants = tenants
+        scheduler.on_finish = self._finished
 
-    def known_adapter(self, adapter_id: str) -> bool:
-        return not adapter_id or adapter_id in self.adapters
+    def _finished(self, entry: Entry) -> None:
+        if entry.params.adapter_id:
+            self.registry.release(entry.params.adapter_id)
 
-    def prepare(self, inputs: object, params: GenerateParameters) -> Entry:
-        """Validate, tokenize, truncate and queue; raises ApiError before anything is generated."""
+    def check_adapter(self, adapter_id: str, tenant: Tenant | None) -> None:
+        """Refuse what this caller may not use: a forbidden adapter looks exactly like a missing one."""
+        if not adapter_id:
+            if tenant is not None and not tenant.base:
+                raise ApiError(403, "forbidden", "this API key may not use the base model; name an adapter")
+            return
+        if adapter_id_problem(adapter_id) is not None or (tenant is not None and not tenant.allows(adapter_id)):
+            raise adapter_not_found(adapter_id)
+
+    async def visible_adapters(self, tenant: Tenant | None) -> list[shard_pb.AdapterInfo]:
+        """Every adapter the shards can serve (any tier) that this caller may use."""
+        adapters = await self.scheduler.shards.list_adapters()
+        return [a for a in adapters if tenant is None or tenant.allows(a.id)]
+
+    async def prepare(self, inputs: object, params: GenerateParameters, tenant: Tenant | None = None) -> Entry:
+        """Validate, tokenize, load the adapter if needed, queue; raises ApiError before anything is generated."""
         if not isinstance(inputs, str):
             raise ApiError(422, "validation", "`inputs` must be a string")
         if not inputs:
             raise ApiError(422, "validation", "`inputs` cannot be empty")
-        if not self.known_adapter(params.adapter_id):
-            raise adapter_not_found(params.adapter_id)
+        self.check_adapter(params.adapter_id, tenant)
         ids = self.tokenizer.encode(inputs)
         if params.truncate is not None:
             ids = ids[-params.truncate :]
@@ -64,13 +77,41 @@ class RouterService:
             max_new = check_lengths(len(ids), params, self.settings)
         except ValidationError as exc:
             raise ApiError(422, "validation", str(exc)) from exc
+        if self.scheduler.in_flight + self.registry.pending_loads >= self.settings.max_concurrent_requests:
+            raise ApiError(429, "overloaded", "Model is overloaded")
+        adapter = params.adapter_id
+        if adapter:
+            self.registry.acquire(adapter)  # from now until the request ends, the adapter stays loaded
+            try:
+                await self.registry.ensure(adapter)
+            except BaseException:
+                self.registry.release(adapter)
+                raise
         entry = Entry(ids, params, max_new)
         try:
             self.scheduler.submit(entry)
-        except Exception as exc:
+        except Overloaded as exc:
+            if adapter:
+                self.registry.release(adapter)
             raise ApiError(429, "overloaded", str(exc)) from exc
-        self.scheduler.metrics.adapter_requests.labels(params.adapter_id or "base").inc()
+        self.scheduler.metrics.adapter_requests.labels(adapter or "base").inc()
         return entry
+
+    async def load_adapter(self, adapter_id: str) -> shard_pb.AdapterInfo:
+        """Admin load: the same path as a first request, then the adapter's record."""
+        self.check_adapter(adapter_id, None)
+        await self.registry.ensure(adapter_id)
+        return await self.adapter_info(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        self.check_adapter(adapter_id, None)
+        await self.registry.unload(adapter_id)
+
+    async def adapter_info(self, adapter_id: str) -> shard_pb.AdapterInfo:
+        for a in await self.scheduler.shards.list_adapters():
+            if a.id == adapter_id:
+                return a
+        raise adapter_not_found(adapter_id)
 
     async def events(self, entry: Entry) -> AsyncIterator[Event]:
         """The entry's events until its end; leaving early (client gone) cancels the request."""

@@ -26,6 +26,7 @@ class RouterSettings:
     max_top_n_tokens: int = 5
     max_batch_size: int = 256
     waiting_served_ratio: float = 1.2
+    adapter_slot_patience: float = 2.0
     api_keys_file: Path | None = None
     admin_token: str = ""
     json_output: bool = False
@@ -45,6 +46,12 @@ def add_serving_flags(p: FlagParser) -> None:
     p.flag("--hostname", env="LORAPLEX_HOSTNAME", default=d.hostname)
     p.flag("--port", type=int, default=d.port)
     p.flag("--grpc-port", type=int, default=d.grpc_port, help="public gRPC port; 0 disables it")
+    p.flag(
+        "--adapter-slot-patience",
+        type=float,
+        default=d.adapter_slot_patience,
+        help="seconds a request for an adapter not on the device lets others overtake it",
+    )
     p.flag("--api-keys-file", type=Path, default=None)
     p.flag("--admin-token", default="")
     p.flag("--json-output", action="store_true")

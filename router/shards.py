@@ -50,8 +50,8 @@ class ShardClients:
         resp = await self.stubs[0].ListAdapters(pb.ListAdaptersRequest(), timeout=10)
         return list(resp.adapters)
 
-    async def load_adapter(self, adapter_id: str, path: str) -> pb.AdapterInfo:
-        resp = await self._all(lambda s: s.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id, path=path)))
+    async def load_adapter(self, adapter_id: str) -> pb.AdapterInfo:
+        resp = await self._all(lambda s: s.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id)))
         return resp.adapter
 
     async def unload_adapter(self, adapter_id: str) -> None:

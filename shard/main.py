@@ -14,8 +14,8 @@ from loraplex.shard.v1 import shard_pb2 as pb
 from shard.checkpoint import CheckpointError, resolve_model_dir
 from shard.config import ModelConfig, ModelConfigError
 from shard.embedded import EmbeddedModelError, embedded_model_dir
-from shard.lora.adapter import LoraAdapter
 from shard.lora.config import AdapterError
+from shard.lora.roots import AdapterRoots
 from shard.lora.sources import parse_adapter_specs, resolve_adapter_source
 from shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
 from shard.parallel import TensorParallel, init_tensor_parallel
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.json_output)
     if args.max_batch_total_tokens < args.block_size or args.block_size < 1:
         fail("loraplex-shard", "--max-batch-total-tokens must hold at least one --block-size block")
+    if args.max_active_adapters < 1 or args.max_cpu_adapters < 0:
+        fail("loraplex-shard", "--max-active-adapters must be at least 1 and --max-cpu-adapters at least 0")
     if not 0 <= args.rank < args.num_shard:
         fail("loraplex-shard", f"--rank {args.rank} is not in 0..{args.num_shard - 1}")
     try:
@@ -75,16 +77,21 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size,
             tp=tp,
         )
+        specs = parse_adapter_specs(args.lora_adapters)
         store = AdapterStore(
-            runner.model.full_config, dtype=dtype, device=args.device, max_rank=args.max_lora_rank, tp=tp
+            runner.model.full_config,
+            dtype=dtype,
+            device=args.device,
+            max_rank=args.max_lora_rank,
+            tp=tp,
+            roots=AdapterRoots.parse(args.adapter_dirs),
+            max_active=args.max_active_adapters,
+            max_host=max(args.max_cpu_adapters, len(specs) - args.max_active_adapters),
+            on_evict=runner.forget_plan,
         )
-
-        def load(adapter_id: str, source: str) -> LoraAdapter:
-            return store.load(adapter_id, resolve_adapter_source(source or adapter_id))
-
-        for name, source in parse_adapter_specs(args.lora_adapters):
+        for name, source in specs:
             try:
-                load(name, source)
+                store.load(name, resolve_adapter_source(source))
             except AdapterError as exc:
                 raise AdapterError(exc.kind, f"adapter {name!r}: {exc}") from exc
     except (CheckpointError, ModelConfigError, EmbeddedModelError, AdapterError, ValueError, OSError) as exc:
@@ -102,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         rank=args.rank,
         max_position_embeddings=config.max_position_embeddings,
         model_dir=str(model_dir),
+        max_active_adapters=args.max_active_adapters,
+        max_cpu_adapters=store.max_host,
     )
     try:
-        server = serve(ShardServicer(ShardService(runner, store), info, load), args.listen)
+        server = serve(ShardServicer(ShardService(runner, store), info), args.listen)
     except OSError as exc:
         fail("loraplex-shard", str(exc))
     log.info(

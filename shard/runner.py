@@ -131,13 +131,17 @@ class ModelRunner:
     def _lora(self, row_adapters: list[LoraAdapter | None], cache: bool) -> LoraBatch | None:
         if all(a is None for a in row_adapters):
             return None
-        key = tuple(id(a) for a in row_adapters)
+        key = tuple(a.serial if a is not None else 0 for a in row_adapters)
         if cache and key == self._plan_key:
             return self._plan
         plan = LoraBatch(row_adapters, self.model.config, self.lora_dtype)
         if cache:
             self._plan_key, self._plan = key, plan
         return plan
+
+    def forget_plan(self) -> None:
+        """Drop the cached decode plan (it holds copies of adapter weights) so unloaded weights are freed."""
+        self._plan_key, self._plan = None, None
 
     def generate_greedy(
         self, requests: Seq[tuple[list[int], LoraAdapter | None]], max_new_tokens: int

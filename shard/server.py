@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -13,10 +13,16 @@ import grpc
 from loraplex.shard.v1 import shard_pb2 as pb
 from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
 from shard.kv_cache import KVCacheFull
-from shard.lora.adapter import LoraAdapter
 from shard.lora.config import AdapterError
+from shard.lora.store import AdapterRecord
 from shard.sampling import SamplingParams
 from shard.service import BatchError, Generation, NewRequest, ShardService
+
+_ADAPTER_CODES = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "in_use": grpc.StatusCode.FAILED_PRECONDITION,
+}
 
 
 @contextmanager
@@ -24,7 +30,7 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
     try:
         yield
     except AdapterError as exc:
-        code = grpc.StatusCode.NOT_FOUND if exc.kind == "not_found" else grpc.StatusCode.INVALID_ARGUMENT
+        code = _ADAPTER_CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT)
         context.abort(code, f"{exc.kind}: {exc}")
     except BatchError as exc:
         context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
@@ -58,24 +64,24 @@ def _sampling(s: pb.SamplingParameters) -> SamplingParams:
     )
 
 
-def adapter_info(adapter: LoraAdapter, requests: int = 0) -> pb.AdapterInfo:
+def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
     return pb.AdapterInfo(
-        id=adapter.adapter_id,
-        rank=adapter.rank,
-        targets=adapter.targets,
-        bytes=adapter.memory_bytes,
-        tier="device",
-        requests=requests,
+        id=rec.adapter_id,
+        rank=rec.rank,
+        targets=rec.targets,
+        bytes=rec.bytes,
+        tier=rec.tier,
+        requests=rec.requests,
+        load_seconds=rec.load_seconds,
     )
 
 
 class ShardServicer(pb_grpc.ShardServicer):
     """Thin: every method is conversion around one ``ShardService`` call."""
 
-    def __init__(self, service: ShardService, info: pb.InfoResponse, load: Callable[[str, str], LoraAdapter]) -> None:
+    def __init__(self, service: ShardService, info: pb.InfoResponse) -> None:
         self.service = service
         self.info = info
-        self.load = load
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         return self.info
@@ -125,20 +131,20 @@ class ShardServicer(pb_grpc.ShardServicer):
         return pb.ClearCacheResponse()
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
-        with _status(context):
-            adapter = self.load(request.id, request.path)
-        return pb.LoadAdapterResponse(adapter=adapter_info(adapter))
+        store = self.service.store
+        with _status(context):  # reads the disk without the model lock: batches keep running meanwhile
+            store.load(request.id)
+        return pb.LoadAdapterResponse(adapter=adapter_info(store.record(request.id)))
 
     def UnloadAdapter(
         self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
     ) -> pb.UnloadAdapterResponse:
         with _status(context):
-            self.service.store.unload(request.id)
+            self.service.unload_adapter(request.id)
         return pb.UnloadAdapterResponse()
 
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersResponse:
-        store = self.service.store
-        return pb.ListAdaptersResponse(adapters=[adapter_info(store.get(i)) for i in store.ids()])
+        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in self.service.store.records()])
 
 
 def serve(servicer: ShardServicer, address: str, **options: Any) -> grpc.Server:

@@ -56,7 +56,9 @@ class ShardService:
             if not requests:
                 raise BatchError("a batch needs at least one request")
             # Resolve every adapter before touching the cache, so a bad id fails the call cleanly.
-            adapters = [self.store.get(r.adapter_id) if r.adapter_id else None for r in requests]
+            named = [r.adapter_id for r in requests if r.adapter_id]
+            resident = self.store.acquire(named, pinned=self.pinned_adapters())
+            adapters = [resident[r.adapter_id] if r.adapter_id else None for r in requests]
             entries = [
                 _Entry(Sequence(r.request_id, list(r.input_ids), a), TokenChooser(r.sampling, r.top_n_tokens))
                 for r, a in zip(requests, adapters, strict=True)
@@ -82,6 +84,7 @@ class ShardService:
                 logits = logits[ends - 1]
             gens = self._choose(entries, logits)
             self._batches[batch_id] = entries
+            self.store.count_requests(named)
             return [
                 Generation(g.request_id, g.choice, prefill_details[i]) if prefill_details[i] else g
                 for i, g in enumerate(gens)
@@ -126,6 +129,14 @@ class ShardService:
             for b in ids:
                 for e in self._batches.pop(b, []):
                     self.runner.release(e.seq)
+
+    def pinned_adapters(self) -> set[str]:
+        """Adapters that cached batches use: they stay on the device until their requests leave."""
+        return {e.seq.adapter.adapter_id for b in self._batches.values() for e in b if e.seq.adapter is not None}
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        with self.lock:  # batches cannot change while we look at who uses the adapter
+            self.store.unload(adapter_id, pinned=self.pinned_adapters())
 
     def stats(self) -> tuple[int, int, int, int]:
         """KV blocks used, KV blocks free, cached batches, cached requests."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from shard.parallel import COLUMN_PARALLEL, TensorParallel
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+_SERIALS = itertools.count(1)
 
 
 @dataclass
@@ -40,6 +42,8 @@ class LoraAdapter:
     projections: dict[str, ProjectionWeights]
     weight_bytes: int
     source: str = ""
+    # Unique for the life of the process (unlike id()), so a cached batch plan never outlives its weights.
+    serial: int = field(default_factory=lambda: next(_SERIALS))
 
     @property
     def rank(self) -> int:
@@ -52,6 +56,17 @@ class LoraAdapter:
     @property
     def memory_bytes(self) -> int:
         return sum(p.a.nbytes + p.b.nbytes for p in self.projections.values())
+
+    def to(self, device: torch.device | str) -> LoraAdapter:
+        """The same adapter with its weights on ``device`` (itself when they already are there)."""
+        first = next(iter(self.projections.values())).a
+        if first.device == torch.device(device):
+            return self
+        moved = {
+            name: ProjectionWeights(p.a.to(device, non_blocking=True), p.b.to(device, non_blocking=True), p.ranks)
+            for name, p in self.projections.items()
+        }
+        return LoraAdapter(self.adapter_id, moved, self.weight_bytes, self.source)
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:

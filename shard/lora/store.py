@@ -1,8 +1,14 @@
-"""The adapter store: adapters loaded by id, each load validated before it can affect anything served."""
+"""The adapter store: adapters by id in three tiers (disk, host, device), loaded on demand, freed for real."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,13 +16,50 @@ import torch
 from shard.config import ModelConfig
 from shard.lora.adapter import LoraAdapter, load_adapter
 from shard.lora.config import AdapterError
+from shard.lora.roots import AdapterRoots
 from shard.parallel import TensorParallel
 
 DEFAULT_MAX_LORA_RANK = 128
 
 
+@dataclass
+class AdapterRecord:
+    """What the store knows of one adapter; ``host`` and ``device`` are None when it is not loaded there."""
+
+    adapter_id: str
+    source: Path | None = None  # set for adapters named at start-up or by path; others resolve under the roots
+    host: LoraAdapter | None = None
+    device: LoraAdapter | None = None
+    requests: int = 0
+    load_seconds: float = 0.0
+    last_used: float = 0.0
+    rank: int = 0
+    targets: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    @property
+    def tier(self) -> str:
+        return "device" if self.device is not None else "host" if self.host is not None else "disk"
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps large freed blocks otherwise, and RSS never drops."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class AdapterStore:
-    """Adapters by id; a failed load leaves every adapter already in the store untouched."""
+    """Adapters by id. Loading reads disk into host memory outside any model lock; ``acquire`` (called by
+    the batch owner, under its lock) puts a batch's adapters on the device, demoting the least recently
+    used device adapter that no cached batch uses when the device tier is full.
+
+    Limits: at most ``max_active`` adapters on the device and ``max_active + max_host`` loaded at all.
+    A load past that limit is refused (``capacity``), never made room for silently: what to evict from
+    the host is the router's policy, since only it knows which adapters queued requests are waiting for.
+    """
 
     def __init__(
         self,
@@ -26,44 +69,171 @@ class AdapterStore:
         device: torch.device | str = "cpu",
         max_rank: int = DEFAULT_MAX_LORA_RANK,
         tp: TensorParallel | None = None,
+        roots: AdapterRoots | None = None,
+        max_active: int = 64,
+        max_host: int = 256,
+        on_evict: Callable[[], None] | None = None,
     ) -> None:
         self.tp = tp or TensorParallel()
         self.config = config  # the whole model's, not one rank's
         self.dtype = dtype
         self.device = device
         self.max_rank = max_rank
-        self._adapters: dict[str, LoraAdapter] = {}
+        self.roots = roots or AdapterRoots([])
+        self.max_active = max_active
+        self.max_host = max_host
+        self.on_evict = on_evict
+        self._records: dict[str, AdapterRecord] = {}
+        self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def load(self, adapter_id: str, directory: Path) -> LoraAdapter:
-        """Load (or reload) ``adapter_id`` from a local PEFT directory."""
-        # Loading happens outside the lock: readers keep serving while the weights are read.
+    @property
+    def capacity(self) -> int:
+        return self.max_active + self.max_host
+
+    def load(self, adapter_id: str, directory: Path | None = None) -> LoraAdapter:
+        """Load ``adapter_id`` into host memory (from ``directory``, its known source, or the roots).
+
+        Loading again what is loaded is a no-op, unless ``directory`` names a (new) source: then the
+        adapter is replaced. A failed load leaves everything already in the store untouched.
+        """
+        with self._lock:
+            rec = self._records.get(adapter_id)
+            if rec is not None and rec.host is not None and directory is None:
+                return rec.host
+            per_id = self._loading.setdefault(adapter_id, threading.Lock())
+        try:
+            with per_id:  # one reader per adapter; a second request for it waits and shares the result
+                return self._load_locked(adapter_id, directory)
+        finally:
+            with self._lock:
+                if adapter_id not in self:  # failed loads (hostile ids included) leave nothing behind
+                    self._loading.pop(adapter_id, None)
+
+    def _load_locked(self, adapter_id: str, directory: Path | None) -> LoraAdapter:
+        with self._lock:
+            rec = self._records.get(adapter_id)
+            if rec is not None and rec.host is not None and directory is None:
+                return rec.host
+            source = directory or (rec.source if rec is not None else None) or self.roots.find(adapter_id)
+            replacing = rec is not None and rec.host is not None
+            if not replacing and self._loaded_count() >= self.capacity:
+                raise AdapterError(
+                    "capacity",
+                    f"{self.capacity} adapters are loaded (--max-active-adapters + --max-cpu-adapters); "
+                    "unload one first",
+                )
+        started = time.perf_counter()
         adapter = load_adapter(
             adapter_id,
-            directory,
+            source,
             self.config,
             max_rank=self.max_rank,
             dtype=self.dtype,
-            device=self.device,
+            device="cpu",
             tp=self.tp,
         )
+        elapsed = time.perf_counter() - started
         with self._lock:
-            self._adapters[adapter_id] = adapter
+            rec = self._records.setdefault(adapter_id, AdapterRecord(adapter_id))
+            if directory is not None:
+                rec.source = directory
+            rec.host, rec.device = adapter, None
+            rec.load_seconds, rec.last_used = elapsed, time.monotonic()
+            rec.rank, rec.targets, rec.bytes = adapter.rank, adapter.targets, adapter.memory_bytes
+        if replacing and self.on_evict is not None:
+            self.on_evict()
         return adapter
 
-    def get(self, adapter_id: str) -> LoraAdapter:
-        try:
-            return self._adapters[adapter_id]
-        except KeyError:
-            raise AdapterError("not_found", f"adapter {adapter_id!r} is not loaded") from None
+    def acquire(self, adapter_ids: Iterable[str], pinned: set[str]) -> dict[str, LoraAdapter]:
+        """Device copies of the given (loaded) adapters; call under the lock of whoever owns ``pinned``.
 
-    def unload(self, adapter_id: str) -> None:
+        ``pinned`` are the adapters cached batches use: they are never demoted.
+        """
+        wanted = list(dict.fromkeys(adapter_ids))
+        out: dict[str, LoraAdapter] = {}
         with self._lock:
-            if self._adapters.pop(adapter_id, None) is None:
+            for adapter_id in wanted:
+                rec = self._records.get(adapter_id)
+                if rec is None or rec.host is None:
+                    raise AdapterError("not_found", f"adapter {adapter_id!r} is not loaded")
+            now = time.monotonic()
+            for adapter_id in wanted:
+                rec = self._records[adapter_id]
+                if rec.device is None:
+                    self._make_device_room(pinned | set(wanted))
+                    assert rec.host is not None
+                    rec.device = rec.host.to(self.device)
+                rec.last_used = now
+                out[adapter_id] = rec.device
+        return out
+
+    def count_requests(self, adapter_ids: Iterable[str]) -> None:
+        with self._lock:
+            for adapter_id in adapter_ids:
+                if adapter_id in self._records:
+                    self._records[adapter_id].requests += 1
+
+    def _make_device_room(self, keep: set[str]) -> None:
+        active = [r for r in self._records.values() if r.device is not None]
+        if len(active) < self.max_active:
+            return
+        candidates = sorted((r for r in active if r.adapter_id not in keep), key=lambda r: r.last_used)
+        if not candidates:
+            raise AdapterError(
+                "capacity",
+                f"a batch would need more than --max-active-adapters ({self.max_active}) adapters on the device",
+            )
+        candidates[0].device = None
+        if self.on_evict is not None:
+            self.on_evict()
+
+    def unload(self, adapter_id: str, pinned: set[str] | None = None) -> None:
+        """Free the adapter's host and device memory; refused while a cached batch uses it."""
+        with self._lock:
+            rec = self._records.get(adapter_id)
+            if rec is None or rec.host is None:
                 raise AdapterError("not_found", f"adapter {adapter_id!r} is not loaded")
+            if pinned and adapter_id in pinned:
+                raise AdapterError("in_use", f"adapter {adapter_id!r} is used by running requests")
+            rec.host = rec.device = None
+            if rec.source is None:  # found under a root: discovery lists it again as a disk-tier adapter
+                del self._records[adapter_id]
+            self._loading.pop(adapter_id, None)
+        if self.on_evict is not None:
+            self.on_evict()
+        release_freed_memory()
+
+    def get(self, adapter_id: str) -> LoraAdapter:
+        """The loaded adapter (its device copy when it has one)."""
+        rec = self._records.get(adapter_id)
+        if rec is None or rec.host is None:
+            raise AdapterError("not_found", f"adapter {adapter_id!r} is not loaded")
+        return rec.device or rec.host
+
+    def record(self, adapter_id: str) -> AdapterRecord:
+        with self._lock:
+            rec = self._records.get(adapter_id)
+        if rec is None:
+            raise AdapterError("not_found", f"adapter {adapter_id!r} is not known")
+        return rec
 
     def __contains__(self, adapter_id: object) -> bool:
-        return adapter_id in self._adapters
+        rec = self._records.get(adapter_id) if isinstance(adapter_id, str) else None
+        return rec is not None and rec.host is not None
 
     def ids(self) -> list[str]:
-        return sorted(self._adapters)
+        """Ids of the loaded adapters."""
+        return sorted(i for i, r in self._records.items() if r.host is not None)
+
+    def records(self, discover: bool = True) -> list[AdapterRecord]:
+        """Every adapter the store knows: loaded ones, those named at start-up, and those under the roots."""
+        with self._lock:
+            known = dict(self._records)
+        if discover:
+            for adapter_id in self.roots.discover():
+                known.setdefault(adapter_id, AdapterRecord(adapter_id))
+        return [known[i] for i in sorted(known)]
+
+    def _loaded_count(self) -> int:
+        return sum(1 for r in self._records.values() if r.host is not None)
