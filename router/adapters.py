@@ -38,6 +38,7 @@ class AdapterRegistry:
         self.refs: Counter[str] = Counter()
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._loading: set[str] = set()
+        self._unloading: set[str] = set()  # still held by the shards until their unload returns
         self._room = asyncio.Event()
         self._parallel = asyncio.Semaphore(parallel_loads)
 
@@ -91,17 +92,20 @@ class AdapterRegistry:
             self._loads.pop(adapter_id, None)
 
     async def _make_room(self) -> None:
-        while len(self.loaded) + len(self._loading) >= self.capacity:
+        while len(self.loaded) + len(self._loading) + len(self._unloading) >= self.capacity:
             idle = [a for a in self.loaded if self.refs[a] <= 0]
             if idle:
                 victim = min(idle, key=self.loaded.__getitem__)
                 del self.loaded[victim]
+                self._unloading.add(victim)
                 try:
                     await self.shards.unload_adapter(victim)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.NOT_FOUND:
                         self.loaded[victim] = time.monotonic()
                         raise
+                finally:
+                    self._unloading.discard(victim)
                 continue
             self._room.clear()
             await self._room.wait()

@@ -77,6 +77,7 @@ class Entry:
     text: str = ""
     cancelled: bool = False
     finished: bool = False
+    released: bool = False
     end: EndEvent | None = None
     queued_at: float = field(default_factory=time.monotonic)
     last_token_at: float = 0.0
@@ -261,12 +262,11 @@ class Scheduler:
             keep = [
                 r for r in members if r in self.running and not (self.running[r].finished or self.running[r].cancelled)
             ]
-            gone = [r for r in members if r not in keep]
-            for r in gone:
-                e = self.running.pop(r, None)
-                if e is not None and not e.finished:
+            gone = [self.running[r] for r in members if r not in keep and r in self.running]
+            for e in gone:
+                if not e.finished:
                     self._finish(e, None)
-            if not gone:
+            if len(keep) == len(members):
                 continue
             if keep:
                 await self.shards.filter(batch_id, keep)
@@ -274,6 +274,9 @@ class Scheduler:
             else:
                 await self.shards.clear(batch_id)
                 del self.members[batch_id]
+            for e in gone:  # released only now that the shards no longer hold them
+                del self.running[e.id]
+                self._release(e)
 
     def _handle(self, generations: list[pb.Generation]) -> None:
         now = time.monotonic()
@@ -330,10 +333,17 @@ class Scheduler:
             top_tokens=e.top_tokens,
         )
 
+    def _release(self, e: Entry) -> None:
+        """The request holds nothing on the shards any more: its adapter may be unloaded."""
+        if not e.released:
+            e.released = True
+            if self.on_finish is not None:
+                self.on_finish(e)
+
     def _finish(self, e: Entry, event: Event | None) -> None:
         e.finished = True
-        if self.on_finish is not None:
-            self.on_finish(e)
+        if e.id not in self.running:  # never reached the shards, or already left them
+            self._release(e)
         if isinstance(event, EndEvent):
             e.end = event
         if event is not None:
@@ -343,7 +353,8 @@ class Scheduler:
         self.metrics.request_duration.observe(time.monotonic() - e.queued_at)
 
     async def _fail_all(self, message: str) -> None:
-        for e in [*self.waiting, *self.running.values()]:
+        failed = [*self.waiting, *self.running.values()]
+        for e in failed:
             if not e.finished:
                 self._finish(e, ErrorEvent(message))
         self.waiting.clear()
@@ -354,3 +365,5 @@ class Scheduler:
             await asyncio.wait_for(self.shards.clear(), timeout=5.0)
         except (grpc.aio.AioRpcError, TimeoutError):
             self.healthy = False
+        for e in failed:
+            self._release(e)

@@ -174,7 +174,42 @@ def tiny_tokenizer(directory: Path, vocab_size: int = 320) -> dict[str, int]:
     return {"eos": tok.token_to_id("<|im_end|>"), "vocab": tok.get_vocab_size()}
 
 
-def tiny_served_model(directory: Path, kind: str = "llama", seed: int = 0) -> PreTrainedModel:
+def tiny_served_model(directory: Path, kind: str = "llama", seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A tiny random checkpoint with a tokenizer, ready for a shard and a router."""
     ids = tiny_tokenizer(directory)
-    return tiny_model(directory, kind, seed=seed, vocab_size=max(ids["vocab"], 128), eos_token_id=ids["eos"])
+    return tiny_model(
+        directory, kind, seed=seed, vocab_size=max(ids["vocab"], 128), eos_token_id=ids["eos"], **overrides
+    )
+
+
+def write_raw_adapter(
+    directory: Path,
+    config: Any,
+    *,
+    rank: int,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    std: float = 0.3,
+) -> Path:
+    """Write a PEFT-format LoRA adapter straight to disk (no model needed): fast enough for thousands."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from shard.config import ModelConfig
+
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dir(Path(config))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for proj in targets:
+            parent = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            in_f, out_f = cfg.projection_shape(proj)
+            key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * std
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    peft_config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
+    (directory / "adapter_config.json").write_text(json.dumps(peft_config))
+    return directory

@@ -46,7 +46,12 @@ class Server:
 
 
 def start_server(
-    root: Path, model_dir: Path, adapters: dict[str, Path], *router_args: str, num_shard: int = 1
+    root: Path,
+    model_dir: Path,
+    adapters: dict[str, Path],
+    *router_args: str,
+    num_shard: int = 1,
+    shard_args: tuple[str, ...] = (),
 ) -> Server:
     """Start ``num_shard`` shard processes and a router as separate processes; wait for /health."""
     port, grpc_port, master = free_port(), free_port(), free_port()
@@ -61,7 +66,7 @@ def start_server(
         shard_cmd = [
             sys.executable, "-m", "shard.main", "--model-id", str(model_dir), "--listen", f"unix://{sock}",
             "--lora-adapters", spec, "--max-batch-total-tokens", "16384", "--block-size", "8",
-            "--rank", str(rank), "--num-shard", str(num_shard), "--master-port", str(master),
+            "--rank", str(rank), "--num-shard", str(num_shard), "--master-port", str(master), *shard_args,
         ]  # fmt: skip
         server.procs.append(subprocess.Popen(shard_cmd, stdout=shard_log.open("wb"), stderr=subprocess.STDOUT, env=env))
     server.logs.append(router_log)
