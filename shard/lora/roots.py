@@ -55,10 +55,15 @@ class AdapterRoots:
                 return None
             if path.exists() and not path.is_file():
                 return None
+        if not (resolved / CONFIG_FILE).is_file():
+            return None
         return resolved
 
     def discover(self, limit: int = 10_000) -> Iterator[str]:
-        """Ids of the adapters present under the roots (folders holding an adapter_config.json)."""
+        """Ids of the adapters present under the roots (folders holding an adapter_config.json).
+
+        Symlinked folders are not walked (they may still be loaded by id when they stay inside the root).
+        """
         seen = 0
         for root in self.roots:
             for dirpath, dirnames, filenames in os.walk(root):

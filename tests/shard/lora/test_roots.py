@@ -1,0 +1,55 @@
+"""Adapter roots: ids resolve inside a root or not at all, symlinks included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shard.lora.config import AdapterError
+from shard.lora.roots import AdapterRoots
+from tests.factories import tiny_model, write_raw_adapter
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    model = tmp_path / "model"
+    tiny_model(model, "llama")
+    first, second, outside = tmp_path / "first", tmp_path / "second", tmp_path / "outside"
+    write_raw_adapter(first / "team" / "one", model, rank=2)
+    write_raw_adapter(second / "two", model, rank=2)
+    write_raw_adapter(outside / "secret", model, rank=2)
+    (first / "escape").symlink_to(outside / "secret", target_is_directory=True)
+    write_raw_adapter(second / "inner-target", model, rank=2)
+    (second / "alias").symlink_to(second / "inner-target", target_is_directory=True)
+    return dict(first=first, second=second, outside=outside)
+
+
+def test_ids_resolve_in_root_order_and_symlinks_inside_a_root_are_fine(layout: dict[str, Path]) -> None:
+    roots = AdapterRoots([layout["first"], layout["second"]])
+    assert roots.find("team/one") == (layout["first"] / "team" / "one").resolve()
+    assert roots.find("two") == (layout["second"] / "two").resolve()
+    assert roots.find("alias") == (layout["second"] / "inner-target").resolve()
+    assert sorted(roots.discover()) == ["inner-target", "team/one", "two"]  # symlinks are not walked
+
+
+@pytest.mark.parametrize("adapter_id", ["escape", "../outside/secret", "team/../../outside/secret", "nothing", "team"])
+def test_anything_outside_or_missing_is_not_found_with_one_message(layout: dict[str, Path], adapter_id: str) -> None:
+    roots = AdapterRoots([layout["first"], layout["second"]])
+    with pytest.raises(AdapterError) as info:
+        roots.find(adapter_id)
+    assert info.value.kind == "not_found" and str(info.value) == f"adapter {adapter_id!r} not found"
+
+
+def test_a_weight_file_linked_out_of_the_root_is_refused(layout: dict[str, Path]) -> None:
+    inner = layout["first"] / "sneaky"
+    inner.mkdir()
+    (inner / "adapter_config.json").write_text((layout["outside"] / "secret" / "adapter_config.json").read_text())
+    (inner / "adapter_model.safetensors").symlink_to(layout["outside"] / "secret" / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="not found"):
+        AdapterRoots([layout["first"]]).find("sneaky")
+
+
+def test_a_root_that_is_not_a_directory_is_a_start_up_error(tmp_path: Path) -> None:
+    with pytest.raises(AdapterError, match="is not a directory"):
+        AdapterRoots.parse(f"{tmp_path},{tmp_path / 'missing'}")
