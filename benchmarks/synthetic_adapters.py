@@ -17,17 +17,28 @@ ALL_PROJECTIONS = tuple(PROJECTIONS)
 
 
 def write_adapter(
-    directory: Path, config: ModelConfig, rank: int, targets: Sequence[str], seed: int, alpha: float = 16.0
+    directory: Path,
+    config: ModelConfig,
+    rank: int,
+    targets: Sequence[str],
+    seed: int,
+    alpha: float = 16.0,
+    std: float | None = None,
 ) -> Path:
-    """A PEFT LoRA directory (config + safetensors) with small random A and B on every layer."""
+    """A PEFT LoRA directory (config + safetensors) with random A and B on every layer.
+
+    By default the deltas are small, like a trained adapter's; ``std`` draws both halves from N(0, std²)
+    instead, large enough that every adapter visibly changes the output (what tests want).
+    """
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config.num_layers):
         for proj in targets:
             in_f, out_f = config.projection_shape(proj)
             prefix = f"base_model.model.model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.01
+            a_scale, b_scale = (std, std) if std is not None else (in_f**-0.5, 0.01)
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * a_scale
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * b_scale
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     cfg = {

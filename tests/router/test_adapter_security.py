@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -298,3 +299,19 @@ def test_admin_api_needs_the_admin_token(world: dict[str, Any]) -> None:
     listing = {a["id"]: a for a in httpx.get(url, headers=admin, timeout=30).json()["adapters"]}
     assert listing["team-a/one"]["tier"] == "disk"
     assert httpx.delete(url + "/team-a/one", headers=admin, timeout=30).status_code == 404  # not loaded now
+
+
+def test_per_adapter_metrics(world: dict[str, Any]) -> None:
+    server = world["server"]
+    for _ in range(2):
+        assert _generate(server, "team-a/two", key=KEY_A).status_code == 200
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    for pattern in (
+        r'^loraplex_adapter_requests_total\{adapter="team-a/two"\} ([0-9.]+)$',
+        r'^loraplex_adapter_tokens_total\{adapter="team-a/two"\} ([0-9.]+)$',
+        r'^loraplex_adapter_load_seconds\{adapter="team-a/two"\} ([0-9.e-]+)$',
+        r'^loraplex_adapter_tier\{adapter="team-a/two",tier="(?:host|device)"\} (1\.0)$',
+    ):
+        match = re.search(pattern, text, re.M)
+        assert match and float(match[1]) > 0, pattern
+    assert float(re.findall(r'^loraplex_adapter_requests_total\{adapter="team-a/two"\} ([0-9.]+)$', text, re.M)[0]) >= 2

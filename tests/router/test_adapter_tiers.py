@@ -174,9 +174,8 @@ def test_host_memory_stays_within_the_tier_limits_and_unload_frees_it(memory_wor
     for a in loaded:
         assert httpx.delete(server.url + f"/admin/adapters/{a['id']}", headers=admin, timeout=30).status_code == 200
     unloaded = _rss_bytes(pid)
-    print(
-        f"unload: {len(loaded)} adapters of {freed_bytes / 2**20:.1f} MiB, RSS fell {(after - unloaded) / 2**20:.1f} MiB"
-    )
+    fell = (after - unloaded) / 2**20
+    print(f"unload: {len(loaded)} adapters of {freed_bytes / 2**20:.1f} MiB, RSS fell {fell:.1f} MiB")
     assert after - unloaded >= 0.5 * freed_bytes
     listing = httpx.get(server.url + "/admin/adapters", headers=admin, timeout=30).json()["adapters"]
     assert all(a["tier"] == "disk" for a in listing)
