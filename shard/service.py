@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shard.lora.store import AdapterStore
+from shard.lora.store import AdapterStore, release_freed_memory
 from shard.runner import ModelRunner, Sequence
 from shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
 
@@ -48,6 +48,7 @@ class ShardService:
         self.store = store
         self._batches: dict[int, list[_Entry]] = {}
         self.lock = threading.Lock()
+        store.pace = self.lock  # adapter loads run in pieces between model steps
 
     def prefill(self, batch_id: int, requests: Seq[NewRequest]) -> list[Generation]:
         with self.lock:
@@ -137,6 +138,7 @@ class ShardService:
     def unload_adapter(self, adapter_id: str) -> None:
         with self.lock:  # batches cannot change while we look at who uses the adapter
             self.store.unload(adapter_id, pinned=self.pinned_adapters())
+        release_freed_memory()
 
     def stats(self) -> tuple[int, int, int, int]:
         """KV blocks used, KV blocks free, cached batches, cached requests."""

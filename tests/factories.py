@@ -184,32 +184,16 @@ def tiny_served_model(directory: Path, kind: str = "llama", seed: int = 0, **ove
 
 def write_raw_adapter(
     directory: Path,
-    config: Any,
+    model_dir: Path,
     *,
     rank: int,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     seed: int = 0,
     std: float = 0.3,
 ) -> Path:
-    """Write a PEFT-format LoRA adapter straight to disk (no model needed): fast enough for thousands."""
-    import json
-
-    from safetensors.torch import save_file
-
+    """A PEFT-format adapter for the checkpoint in ``model_dir``, written without PEFT: fast for thousands."""
+    from benchmarks.synthetic_adapters import write_adapter
     from shard.config import ModelConfig
 
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dir(Path(config))
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for proj in targets:
-            parent = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            in_f, out_f = cfg.projection_shape(proj)
-            key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * std
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * std
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    peft_config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
-    (directory / "adapter_config.json").write_text(json.dumps(peft_config))
-    return directory
+    config = ModelConfig.from_dir(model_dir)
+    return write_adapter(directory, config, rank, targets, seed, alpha=2.0 * rank, std=std)

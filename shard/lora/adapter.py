@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,18 +129,25 @@ def load_adapter(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     tp: TensorParallel | None = None,
+    pace: AbstractContextManager[object] | None = None,
 ) -> LoraAdapter:
     """Read, validate and lay out one PEFT LoRA adapter; raises ``AdapterError`` naming the problem.
 
     ``config`` is the whole model's; under tensor parallelism each rank keeps the slice that matches its
     base layer: B's output rows for column-parallel projections, A's input columns for row-parallel ones
     (the rank-r partial products then sum with the base layer's partial outputs in its all-reduce).
+
+    The work is done in pieces (the read, then one projection at a time), each inside ``pace``: given
+    the model lock, a load runs between forward steps, delaying each by one piece, instead of competing
+    with a step for the cores and stretching it by the whole load.
     """
     tp = tp or TensorParallel()
+    pace = pace or contextlib.nullcontext()
     if not directory.is_dir():
         raise AdapterError("not_found", f"adapter directory {directory.name!r} does not exist")
-    lora = read_config(directory)
-    found = _parse_keys(_read_tensors(directory), config)
+    with pace:
+        lora = read_config(directory)
+        found = _parse_keys(_read_tensors(directory), config)
     per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     weight_bytes = 0
     for (layer, proj), halves in sorted(found.items()):
@@ -153,7 +162,10 @@ def load_adapter(
         per_proj.setdefault(proj, {})[layer] = (a, b, scale)
     if not per_proj:
         raise AdapterError("corrupt", "no LoRA weights fall in the layers named by layers_to_transform")
-    projections = {proj: _stack(layers, config, proj, dtype, device, tp) for proj, layers in per_proj.items()}
+    projections = {}
+    for proj, layers in per_proj.items():
+        with pace:
+            projections[proj] = _stack(layers, config, proj, dtype, device, tp)
     return LoraAdapter(adapter_id, projections, weight_bytes, source=str(directory))
 
 

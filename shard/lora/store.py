@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +43,10 @@ class AdapterRecord:
 
 
 def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS: glibc keeps large freed blocks otherwise, and RSS never drops."""
-    gc.collect()
+    """Hand freed heap pages back to the OS: glibc keeps large freed blocks otherwise, and RSS never drops.
+
+    Call it outside the model lock: trimming a large heap takes a while (ctypes drops the GIL meanwhile).
+    """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     if torch.cuda.is_available():
@@ -73,6 +75,7 @@ class AdapterStore:
         max_active: int = 64,
         max_host: int = 256,
         on_evict: Callable[[], None] | None = None,
+        pace: AbstractContextManager[object] | None = None,
     ) -> None:
         self.tp = tp or TensorParallel()
         self.config = config  # the whole model's, not one rank's
@@ -83,6 +86,7 @@ class AdapterStore:
         self.max_active = max_active
         self.max_host = max_host
         self.on_evict = on_evict
+        self.pace = pace  # held around each piece of a load: the model lock, so loads fit between steps
         self._records: dict[str, AdapterRecord] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -132,6 +136,7 @@ class AdapterStore:
             dtype=self.dtype,
             device="cpu",
             tp=self.tp,
+            pace=self.pace,
         )
         elapsed = time.perf_counter() - started
         with self._lock:
@@ -189,7 +194,10 @@ class AdapterStore:
             self.on_evict()
 
     def unload(self, adapter_id: str, pinned: set[str] | None = None) -> None:
-        """Free the adapter's host and device memory; refused while a cached batch uses it."""
+        """Drop the adapter's host and device tensors; refused while a cached batch uses it.
+
+        The caller then runs ``release_freed_memory`` (outside any model lock) to give the pages back.
+        """
         with self._lock:
             rec = self._records.get(adapter_id)
             if rec is None or rec.host is None:
@@ -202,7 +210,6 @@ class AdapterStore:
             self._loading.pop(adapter_id, None)
         if self.on_evict is not None:
             self.on_evict()
-        release_freed_memory()
 
     def get(self, adapter_id: str) -> LoraAdapter:
         """The loaded adapter (its device copy when it has one)."""
