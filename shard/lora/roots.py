@@ -11,21 +11,25 @@ from shard.lora.adapter import WEIGHTS_FILE
 from shard.lora.config import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
+# In --adapter-dirs, this entry lets an "owner/name" id resolve in the huggingface_hub cache.
+HUB_CACHE = "hf-cache"
 
 
 class AdapterRoots:
     """Directories under which ``<root>/<id>`` is an adapter; resolution never leaves the root."""
 
-    def __init__(self, roots: list[Path]) -> None:
+    def __init__(self, roots: list[Path], hub_cache: bool = False) -> None:
         self.roots = [r.expanduser().resolve() for r in roots]
+        self.hub_cache = hub_cache
 
     @classmethod
     def parse(cls, spec: str) -> AdapterRoots:
-        roots = [Path(part.strip()) for part in spec.split(",") if part.strip()]
+        parts = [part.strip() for part in spec.split(",") if part.strip()]
+        roots = [Path(part) for part in parts if part != HUB_CACHE]
         for root in roots:
             if not root.expanduser().is_dir():
                 raise AdapterError("bad_config", f"adapter root {str(root)!r} is not a directory")
-        return cls(roots)
+        return cls(roots, hub_cache=HUB_CACHE in parts)
 
     def find(self, adapter_id: str) -> Path:
         """The adapter's directory; any id that is not a plain relative name inside a root is not found."""
@@ -33,6 +37,10 @@ class AdapterRoots:
         if problem is None:
             for root in self.roots:
                 found = self._inside(root, adapter_id)
+                if found is not None:
+                    return found
+            if self.hub_cache and adapter_id.count("/") == 1:
+                found = _in_hub_cache(adapter_id)
                 if found is not None:
                     return found
         # One message for every refusal: a caller learns nothing about the file system from it.
@@ -75,3 +83,23 @@ class AdapterRoots:
                         seen += 1
                         if seen >= limit:
                             return
+
+
+def _in_hub_cache(repo_id: str) -> Path | None:
+    """The cached snapshot of hub repo ``repo_id``, never downloaded: a request must not make us fetch."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(
+            snapshot_download(repo_id, local_files_only=True, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+        ).resolve()
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return None
+    # The cache's snapshot files are symlinks into its blobs folder: both stay inside the cache.
+    cache = snapshot.parent.parent.parent
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = snapshot / name
+        if path.exists() and not (path.is_file() and path.resolve().is_relative_to(cache)):
+            return None
+    return snapshot if (snapshot / CONFIG_FILE).is_file() else None

@@ -53,3 +53,34 @@ def test_a_weight_file_linked_out_of_the_root_is_refused(layout: dict[str, Path]
 def test_a_root_that_is_not_a_directory_is_a_start_up_error(tmp_path: Path) -> None:
     with pytest.raises(AdapterError, match="is not a directory"):
         AdapterRoots.parse(f"{tmp_path},{tmp_path / 'missing'}")
+
+
+def test_hub_ids_resolve_in_the_cache_only_when_enabled(tmp_path: Path) -> None:
+    """``hf-cache`` in --adapter-dirs: "owner/name" ids come from the huggingface_hub cache, never downloaded."""
+    import subprocess
+    import sys
+
+    tiny_model(tmp_path / "model", "llama")
+    snapshot = tmp_path / "hub" / "models--acme--pirate-lora" / "snapshots" / ("b" * 40)
+    write_raw_adapter(snapshot, tmp_path / "model", rank=2)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("b" * 40)
+    code = (
+        "import sys; from shard.lora.roots import AdapterRoots\n"
+        "roots = AdapterRoots.parse(sys.argv[1])\n"
+        "for i in sys.argv[2:]:\n"
+        "    try: print(roots.find(i))\n"
+        "    except Exception as e: print(type(e).__name__, e)\n"
+    )
+    # No HF_HUB_OFFLINE: the lookup itself must not go to the network (this machine could not anyway).
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "PATH": "/usr/bin:/bin"}
+    ids = ["acme/pirate-lora", "acme/absent", "../hub"]
+    on = subprocess.run([sys.executable, "-c", code, "hf-cache", *ids], capture_output=True, text=True, env=env)
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.splitlines() == [
+        str(snapshot.resolve()),
+        "AdapterError adapter 'acme/absent' not found",
+        "AdapterError adapter '../hub' not found",
+    ]
+    off = subprocess.run([sys.executable, "-c", code, str(tmp_path), ids[0]], capture_output=True, text=True, env=env)
+    assert off.stdout.strip() == "AdapterError adapter 'acme/pirate-lora' not found"
