@@ -57,10 +57,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     (inner / "adapter_model.safetensors").symlink_to(canary / "adapter_model.safetensors")
     keys = top / "keys.yaml"
     keys.write_text(json.dumps(TENANTS))
+    preloaded = write_raw_adapter(top / "startup" / "preloaded", model_dir, rank=8, seed=5)
     server = start_server(
         top,
         model_dir,
-        {},
+        {"preloaded": preloaded},
         "--api-keys-file",
         str(keys),
         "--admin-token",
@@ -315,3 +316,15 @@ def test_per_adapter_metrics(world: dict[str, Any]) -> None:
         match = re.search(pattern, text, re.M)
         assert match and float(match[1]) > 0, pattern
     assert float(re.findall(r'^loraplex_adapter_requests_total\{adapter="team-a/two"\} ([0-9.]+)$', text, re.M)[0]) >= 2
+
+
+def test_preloaded_and_on_demand_adapters_coexist(world: dict[str, Any]) -> None:
+    server = world["server"]
+    both = [_generate(server, name) for name in ("preloaded", "team-a/two", "preloaded")]
+    assert [r.status_code for r in both] == [200, 200, 200]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    listing = {
+        a["id"]: a for a in httpx.get(server.url + "/admin/adapters", headers=admin, timeout=30).json()["adapters"]
+    }
+    assert listing["preloaded"]["rank"] == 8 and listing["preloaded"]["tier"] in ("host", "device")
+    assert listing["preloaded"]["requests"] >= 2
