@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             "port",
             "grpc_port",
             "adapter_slot_patience",
+            "drain_timeout",
+            "max_body_bytes",
             "admin_token",
         ):
             value = getattr(args, flag)

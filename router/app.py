@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from loraplex import __version__
 from router.admin_api import admin_routes
+from router.body_limit import BodyLimit
 from router.http_api import tgi_routes
 from router.openai_api import OpenAIError, openai_routes
 from router.service import ApiError, RouterService
@@ -83,4 +84,5 @@ def create_app(service: RouterService) -> FastAPI:
     app.include_router(tgi_routes(service))
     app.include_router(openai_routes(service))
     app.include_router(admin_routes(service))
+    app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
     return app

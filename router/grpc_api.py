@@ -27,6 +27,7 @@ _CODES = {
     "generation": grpc.StatusCode.UNAVAILABLE,
     "adapter_invalid": grpc.StatusCode.FAILED_PRECONDITION,
     "adapter_in_use": grpc.StatusCode.FAILED_PRECONDITION,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -155,6 +156,8 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             await self.service.scheduler.shards.health(timeout=2.0)
         except grpc.aio.AioRpcError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "shards unavailable")
+        if self.service.draining or not self.service.scheduler.healthy:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down or shards unavailable")
         return pb.HealthResponse()
 
     async def ListAdapters(

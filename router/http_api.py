@@ -144,6 +144,8 @@ def tgi_routes(service: RouterService) -> APIRouter:
             return JSONResponse({"error": "shards unavailable", "error_type": "unhealthy"}, status_code=503)
         if not service.scheduler.healthy:
             return JSONResponse({"error": "shards unavailable", "error_type": "unhealthy"}, status_code=503)
+        if service.draining:
+            return JSONResponse({"error": "shutting down", "error_type": "unavailable"}, status_code=503)
         return Response(status_code=200)
 
     @api.get("/info", summary="Model and server limits")
@@ -194,3 +196,5 @@ async def request_json(request: Request) -> Any:
         return await request.json()
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(422, "validation", f"malformed JSON: {exc}") from exc
+    except RecursionError:
+        raise ApiError(422, "validation", "malformed JSON: nested too deeply") from None

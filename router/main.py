@@ -15,6 +15,7 @@ from loraplex.logs import setup_logging
 from router.adapters import AdapterRegistry
 from router.app import create_app
 from router.grpc_api import serve_grpc
+from router.lifecycle import DrainingServer
 from router.metrics import Metrics
 from router.scheduler import Scheduler
 from router.service import RouterService, ServerInfo
@@ -31,6 +32,7 @@ async def build_service(settings: RouterSettings, connect_timeout: float = 120.0
     tenants = Tenants.from_file(settings.api_keys_file) if settings.api_keys_file else None  # fail before waiting
     shards = ShardClients(settings.shard_uds)
     info = await shards.wait_ready(connect_timeout)
+    await shards.clear()  # batches a previous router left behind (it crashed or was killed) are orphans
     tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
     tokenizer = TextTokenizer(tokenizer_dir)
     scheduler = Scheduler(shards, tokenizer, settings, set(info.eos_token_ids), Metrics())
@@ -60,7 +62,7 @@ async def serve(settings: RouterSettings) -> None:
     config = uvicorn.Config(
         create_app(service), host=settings.hostname, port=settings.port, log_level="warning", lifespan="on"
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, service, settings.drain_timeout)
     log.info("router ready", extra={"port": settings.port, "grpc_port": settings.grpc_port})
     try:
         await server.serve()

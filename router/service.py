@@ -43,7 +43,12 @@ class RouterService:
         self.info = info
         self.registry = registry
         self.tenants = tenants
+        self.draining = False  # set on SIGTERM: new work is refused, in-flight work finishes
         scheduler.on_finish = self._finished
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.in_flight + self.registry.pending_loads > 0
 
     def _finished(self, entry: Entry) -> None:
         if entry.params.adapter_id:
@@ -65,6 +70,8 @@ class RouterService:
 
     async def prepare(self, inputs: object, params: GenerateParameters, tenant: Tenant | None = None) -> Entry:
         """Validate, tokenize, load the adapter if needed, queue; raises ApiError before anything is generated."""
+        if self.draining:
+            raise ApiError(503, "unavailable", "the server is shutting down; retry on another replica")
         if not isinstance(inputs, str):
             raise ApiError(422, "validation", "`inputs` must be a string")
         if not inputs:

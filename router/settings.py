@@ -27,6 +27,8 @@ class RouterSettings:
     max_batch_size: int = 256
     waiting_served_ratio: float = 1.2
     adapter_slot_patience: float = 2.0
+    drain_timeout: float = 25.0
+    max_body_bytes: int = 1 << 20
     api_keys_file: Path | None = None
     admin_token: str = ""
     json_output: bool = False
@@ -52,6 +54,13 @@ def add_serving_flags(p: FlagParser) -> None:
         default=d.adapter_slot_patience,
         help="seconds a request for an adapter not on the device lets others overtake it",
     )
+    p.flag(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        help="on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before exiting",
+    )
+    p.flag("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger HTTP bodies get 413")
     p.flag("--api-keys-file", type=Path, default=None)
     p.flag("--admin-token", default="")
     p.flag("--json-output", action="store_true")

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from loraplex.flags import FlagParser, fail
@@ -49,6 +50,7 @@ def parser() -> FlagParser:
     p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree (number of shard processes)")
     p.flag("--master-addr", default="127.0.0.1", help="where rank 0 listens for the process group")
     p.flag("--master-port", type=int, default=29500)
+    p.flag("--drain-timeout", type=float, default=25.0, help="on SIGTERM, seconds to wait for cached batches to end")
     p.flag("--json-output", action="store_true", help="JSON log lines")
     return p
 
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         max_cpu_adapters=store.max_host,
     )
     try:
-        server = serve(ShardServicer(ShardService(runner, store), info), args.listen)
+        service = ShardService(runner, store)
+        server = serve(ShardServicer(service, info), args.listen)
     except OSError as exc:
         fail("loraplex-shard", str(exc))
     log.info(
@@ -130,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    # Drain: the router finishes (or drops) the batches it has here; under compose or Kubernetes every
+    # process gets SIGTERM at once, and leaving now would fail requests the router is still finishing.
+    deadline = time.monotonic() + args.drain_timeout
+    while service.stats()[2] and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.stop(grace=5).wait()
     if args.listen.startswith("unix://"):
         Path(args.listen.removeprefix("unix://")).unlink(missing_ok=True)
