@@ -79,6 +79,10 @@ def create_app(service: RouterService) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # FastAPI's answer to a body its JSON parser gave up on (nested too deeply, for one): the same
+            # 422 as any other malformed JSON.
+            return _refusal(request.url.path, 422, "validation", "malformed JSON: the body could not be parsed")
         return JSONResponse({"error": str(exc.detail), "error_type": "http"}, status_code=exc.status_code)
 
     app.include_router(tgi_routes(service))

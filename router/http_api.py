@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from loraplex import __version__
 from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent, TokenInfo
+from router.schemas import TGI_PARAMETERS
 from router.service import ApiError, RouterService
 from router.tenancy import Tenant
 from router.validation import GenerateParameters, ValidationError, validate_parameters
@@ -20,7 +21,9 @@ from router.validation import GenerateParameters, ValidationError, validate_para
 
 class GenerateBody(BaseModel):
     inputs: str = Field(description="the prompt")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="TGI parameters, plus adapter_id")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="TGI parameters, plus adapter_id", json_schema_extra=TGI_PARAMETERS
+    )
     stream: bool = False
 
 

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from router.http_api import request_json, tenant_of
 from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent
+from router.schemas import CHAT_BODY, COMPLETION_BODY
 from router.service import ApiError, RouterService
 from router.tokenizer import TemplateFailure
 from router.validation import ValidationError, validate_parameters
@@ -143,7 +144,9 @@ def openai_routes(service: RouterService) -> APIRouter:
             "usage": _usage(entry, end),
         }
 
-    @api.post("/v1/chat/completions", summary="OpenAI chat completions; `model` names the adapter")
+    @api.post(
+        "/v1/chat/completions", summary="OpenAI chat completions; `model` names the adapter", openapi_extra=CHAT_BODY
+    )
     async def chat(request: Request) -> Any:
         body = await _body(request)
         messages = body.get("messages")
@@ -158,7 +161,7 @@ def openai_routes(service: RouterService) -> APIRouter:
             raise OpenAIError(422, "validation", str(exc)) from exc
         return await run(request, body, prompt, "chat")
 
-    @api.post("/v1/completions", summary="OpenAI completions; `model` names the adapter")
+    @api.post("/v1/completions", summary="OpenAI completions; `model` names the adapter", openapi_extra=COMPLETION_BODY)
     async def completions(request: Request) -> Any:
         body = await _body(request)
         prompt = body.get("prompt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -234,12 +235,20 @@ class Scheduler:
         try:
             resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=requests))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                raise
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise  # a shard is gone or stuck: everyone in flight is affected
+            # This batch alone failed (the shards release what it had taken): only its requests get the
+            # error. A rank that did cache it (tensor parallelism) drops it too.
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.shards.clear(batch_id)
             kind = "adapter_not_found" if exc.code() == grpc.StatusCode.NOT_FOUND else "generation"
+            message = exc.details() or "prefill failed"
+            if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                log.error("prefill failed", extra={"code": exc.code().name, "details": message})
+                message = f"generation failed: {exc.code().name}"
             for e in entries:
                 del self.running[e.id]
-                self._finish(e, ErrorEvent(exc.details() or "prefill failed", kind))
+                self._finish(e, ErrorEvent(message, kind))
             return
         self.members[batch_id] = [e.id for e in entries]
         self._handle(resp.generations)

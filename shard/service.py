@@ -66,30 +66,19 @@ class ShardService:
             ]
             want_prefill = any(r.prefill_logprobs for r in requests)
             seqs = [e.seq for e in entries]
-            try:
+            try:  # whatever fails from here on, the new sequences give their KV blocks back
                 logits = self.runner.prefill(seqs, all_logits=want_prefill)
+                details: list[list[tuple[int, float]] | None] = [None] * len(requests)
+                if want_prefill:
+                    logits, details = _prefill_details(requests, logits)
+                gens = self._choose(entries, logits)
             except BaseException:
                 for s in seqs:
                     self.runner.release(s)
                 raise
-            prefill_details: list[list[tuple[int, float]] | None] = [None] * len(requests)
-            if want_prefill:
-                ends = torch.tensor([len(r.input_ids) for r in requests]).cumsum(0)
-                all_logprobs = logits.log_softmax(-1)
-                for i, r in enumerate(requests):
-                    if r.prefill_logprobs:
-                        start = int(ends[i]) - len(r.input_ids)
-                        rows = all_logprobs[start : int(ends[i]) - 1]
-                        lps = rows[torch.arange(len(r.input_ids) - 1), torch.tensor(r.input_ids[1:])].tolist()
-                        prefill_details[i] = list(zip(r.input_ids, [float("nan"), *lps], strict=True))
-                logits = logits[ends - 1]
-            gens = self._choose(entries, logits)
             self._batches[batch_id] = entries
             self.store.count_requests(named)
-            return [
-                Generation(g.request_id, g.choice, prefill_details[i]) if prefill_details[i] else g
-                for i, g in enumerate(gens)
-            ]
+            return [Generation(g.request_id, g.choice, details[i]) if details[i] else g for i, g in enumerate(gens)]
 
     def decode(self, batch_ids: Seq[int]) -> tuple[int, list[Generation]]:
         """Concatenate the batches (into the first id) and run one token of each request."""
@@ -150,3 +139,20 @@ class ShardService:
         for e, c in zip(entries, choices, strict=True):
             e.seq.token_ids.append(c.token_id)
         return [Generation(e.seq.request_id, c) for e, c in zip(entries, choices, strict=True)]
+
+
+def _prefill_details(
+    requests: Seq[NewRequest], logits: torch.Tensor
+) -> tuple[torch.Tensor, list[list[tuple[int, float]] | None]]:
+    """Each request's last-position logits, and its prompt tokens' logprobs where asked for."""
+    ends = torch.tensor([len(r.input_ids) for r in requests]).cumsum(0)
+    all_logprobs = logits.log_softmax(-1)
+    details: list[list[tuple[int, float]] | None] = [None] * len(requests)
+    for i, r in enumerate(requests):
+        if r.prefill_logprobs:
+            start = int(ends[i]) - len(r.input_ids)
+            rows = all_logprobs[start : int(ends[i]) - 1]
+            following = torch.tensor(r.input_ids[1:], dtype=torch.long)  # long even when empty
+            lps = rows[torch.arange(len(r.input_ids) - 1), following].tolist()
+            details[i] = list(zip(r.input_ids, [float("nan"), *lps], strict=True))
+    return logits[ends - 1], details

@@ -1,0 +1,76 @@
+"""JSON Schemas of the request bodies, for /openapi.json: what clients (and the fuzz tests) build on.
+
+Types only, no ranges: a value of the right type but out of range is answered with TGI's 422 message,
+and the fuzz tests need the schema to let such values through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STRING = {"type": "string"}
+_INT = {"type": "integer"}
+_NUMBER = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_STRINGS = {"type": "array", "items": _STRING}
+
+TGI_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "adapter_id": _STRING,
+        "do_sample": _BOOL,
+        "max_new_tokens": _INT,
+        "temperature": _NUMBER,
+        "top_k": _INT,
+        "top_p": _NUMBER,
+        "typical_p": _NUMBER,
+        "repetition_penalty": _NUMBER,
+        "frequency_penalty": _NUMBER,
+        "seed": _INT,
+        "stop": _STRINGS,
+        "return_full_text": _BOOL,
+        "truncate": _INT,
+        "details": _BOOL,
+        "decoder_input_details": _BOOL,
+        "top_n_tokens": _INT,
+        "best_of": _INT,
+        "watermark": _BOOL,
+    },
+}
+
+_SAMPLING = {
+    "model": _STRING,
+    "max_tokens": _INT,
+    "max_completion_tokens": _INT,
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "seed": _INT,
+    "stop": {"anyOf": [_STRING, _STRINGS]},
+    "frequency_penalty": _NUMBER,
+    "n": _INT,
+    "stream": _BOOL,
+    "logprobs": _BOOL,
+    "top_logprobs": _INT,
+}
+
+_MESSAGE = {
+    "type": "object",
+    "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": _STRING},
+    "required": ["role", "content"],
+}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+CHAT_BODY = _body(
+    {
+        "type": "object",
+        "properties": {**_SAMPLING, "messages": {"type": "array", "items": _MESSAGE}},
+        "required": ["messages"],
+    }
+)
+COMPLETION_BODY = _body(
+    {"type": "object", "properties": {**_SAMPLING, "prompt": {"anyOf": [_STRING, _STRINGS]}}, "required": ["prompt"]}
+)
