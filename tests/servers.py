@@ -30,6 +30,35 @@ class Server:
     adapters: list[str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    shard_addresses: list[str] = field(default_factory=list)
+    router_cmd: list[str] = field(default_factory=list)
+
+    @property
+    def router(self) -> subprocess.Popen[bytes]:
+        return self.procs[-1]
+
+    def start_router(self, timeout: float = 120) -> None:
+        """Start (or restart) the router process against the running shards and wait for /health."""
+        log = self.logs[-1]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs.append(subprocess.Popen(self.router_cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.router.poll() is not None or any(p.poll() is not None for p in self.shards):
+                self.stop()
+                raise RuntimeError("a server process died:\n" + self.log_text())
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not become healthy:\n" + self.log_text())
+
+    @property
+    def shards(self) -> list[subprocess.Popen[bytes]]:
+        return self.procs[: len(self.shard_addresses)]
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -70,36 +99,12 @@ def start_server(
         ]  # fmt: skip
         server.procs.append(subprocess.Popen(shard_cmd, stdout=shard_log.open("wb"), stderr=subprocess.STDOUT, env=env))
     server.logs.append(router_log)
-    sock = ",".join(f"unix://{s}" for s in socks)
-    router_cmd = [
-        sys.executable,
-        "-m",
-        "router.main",
-        "--shard-uds",
-        sock,
-        "--port",
-        str(port),
-        "--grpc-port",
-        str(grpc_port),
-        "--max-input-tokens",
-        "200",
-        "--max-total-tokens",
-        "300",
-        "--max-batch-total-tokens",
-        "16384",
+    server.shard_addresses = [f"unix://{s}" for s in socks]
+    server.router_cmd = [
+        sys.executable, "-m", "router.main", "--shard-uds", ",".join(server.shard_addresses),
+        "--port", str(port), "--grpc-port", str(grpc_port),
+        "--max-input-tokens", "200", "--max-total-tokens", "300", "--max-batch-total-tokens", "16384",
         *router_args,
-    ]
-    server.procs.append(subprocess.Popen(router_cmd, stdout=router_log.open("wb"), stderr=subprocess.STDOUT, env=env))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in server.procs):
-            server.stop()
-            raise RuntimeError("a server process died:\n" + server.log_text())
-        try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError("server did not become healthy:\n" + server.log_text())
+    ]  # fmt: skip
+    server.start_router()
+    return server
