@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.factories import make_adapter, tiny_served_model
 from tests.servers import Server, start_server
@@ -57,11 +58,12 @@ def test_two_shards_answer_like_one_for_base_and_mixed_adapters(tmp_path: Path) 
     assert len({tuple(r) for r in results[0]}) > 8
 
 
-def test_killing_a_rank_mid_stream_errors_fast_and_health_turns_503(tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_shard", [1, 2])
+def test_killing_a_rank_mid_stream_errors_fast_and_health_turns_503(tmp_path: Path, num_shard: int) -> None:
     model_dir, adapters = _setup(tmp_path)
-    srv = start_server(tmp_path, model_dir, adapters, num_shard=2)
+    srv = start_server(tmp_path, model_dir, adapters, num_shard=num_shard)
     try:
-        rank1 = srv.procs[1]
+        rank1 = srv.procs[num_shard - 1]  # the last rank (the only one with a single shard)
         body = {"inputs": "hello world", "parameters": {"max_new_tokens": 250, "adapter_id": "r16"}}
         other = {"inputs": "the quick", "parameters": {"max_new_tokens": 250}}
 
