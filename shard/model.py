@@ -13,7 +13,7 @@ from shard.checkpoint import TensorReader
 from shard.config import ModelConfig
 from shard.kv_cache import KVCache
 from shard.layers import Rotary, apply_rotary, rms_norm
-from shard.lora.plan import LoraBatch
+from shard.lora.plan import LoraPlan
 from shard.parallel import TensorParallel
 
 
@@ -120,6 +120,35 @@ class CausalLM:
             norm = t(reader, "model.norm.weight")
         return cls(local, embed, layers, norm, lm_head, dtype, tp, config)
 
+    @classmethod
+    def random(cls, config: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> CausalLM:
+        """Random weights of ``config``'s shapes, made on the device: benchmarks at 7B scale, no download."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def w(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+        def ones(n: int) -> torch.Tensor:
+            return torch.ones(n, device=device, dtype=dtype)
+
+        h, i = config.hidden_size, config.intermediate_size
+        layers = [
+            LayerWeights(
+                input_norm=ones(h),
+                qkv=w(config.q_size + 2 * config.kv_size, h),
+                qkv_bias=None,
+                o=w(h, config.q_size),
+                post_norm=ones(h),
+                gate_up=w(2 * i, h),
+                gate_up_bias=None,
+                down=w(h, i),
+                down_bias=None,
+            )
+            for _ in range(config.num_layers)
+        ]
+        embed = w(config.vocab_size, h)
+        return cls(config, embed, layers, ones(h), embed, dtype)
+
     @property
     def weight_bytes(self) -> int:
         seen: dict[int, int] = {}
@@ -141,7 +170,7 @@ class CausalLM:
         input_ids: torch.Tensor,
         meta: AttentionInput,
         cache: KVCache,
-        lora: LoraBatch | None = None,
+        lora: LoraPlan | None = None,
         logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Float32 logits of the rows ``logits_rows`` of the packed tokens (all rows when None)."""

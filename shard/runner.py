@@ -12,7 +12,8 @@ from shard.attention import AttentionInput
 from shard.config import ModelConfig
 from shard.kv_cache import KVCache, KVCacheFull
 from shard.lora.adapter import LoraAdapter
-from shard.lora.plan import LoraBatch
+from shard.lora.cuda_plan import make_plan
+from shard.lora.plan import LoraPlan
 from shard.model import CausalLM
 from shard.parallel import TensorParallel
 
@@ -41,7 +42,7 @@ class ModelRunner:
         # dtype of the per-batch LoRA stacks (None: the adapters' own); see docs/architecture.md.
         self.lora_dtype = lora_dtype
         self._plan_key: tuple[int, ...] | None = None
-        self._plan: LoraBatch | None = None
+        self._plan: LoraPlan | None = None
 
     @torch.inference_mode()
     def prefill(self, seqs: Seq[Sequence], all_logits: bool = False) -> torch.Tensor:
@@ -128,13 +129,13 @@ class ModelRunner:
         device = self.model.device
         return torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
 
-    def _lora(self, row_adapters: list[LoraAdapter | None], cache: bool) -> LoraBatch | None:
+    def _lora(self, row_adapters: list[LoraAdapter | None], cache: bool) -> LoraPlan | None:
         if all(a is None for a in row_adapters):
             return None
         key = tuple(a.serial if a is not None else 0 for a in row_adapters)
         if cache and key == self._plan_key:
             return self._plan
-        plan = LoraBatch(row_adapters, self.model.config, self.lora_dtype)
+        plan = make_plan(row_adapters, self.model.config, self.lora_dtype, self.model.device)
         if cache:
             self._plan_key, self._plan = key, plan
         return plan

@@ -30,6 +30,9 @@ class ProjectionWeights:
     a: torch.Tensor  # [num_layers, in_features, rank]
     b: torch.Tensor  # [num_layers, rank, out_features], already multiplied by the scaling
     ranks: dict[int, int]  # layer -> rank actually trained there
+    # On CUDA, A transposed and contiguous ([num_layers, rank, in_features]) for the kernels; ``a`` is then
+    # a view of it, so the weights are held once.
+    a_t: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -64,10 +67,14 @@ class LoraAdapter:
         first = next(iter(self.projections.values())).a
         if first.device == torch.device(device):
             return self
-        moved = {
-            name: ProjectionWeights(p.a.to(device, non_blocking=True), p.b.to(device, non_blocking=True), p.ranks)
-            for name, p in self.projections.items()
-        }
+        moved = {}
+        for name, p in self.projections.items():
+            b = p.b.to(device, non_blocking=True)
+            if torch.device(device).type == "cuda":
+                a_t = p.a.transpose(1, 2).contiguous().to(device, non_blocking=True)
+                moved[name] = ProjectionWeights(a_t.transpose(1, 2), b, p.ranks, a_t)
+            else:
+                moved[name] = ProjectionWeights(p.a.to(device, non_blocking=True), b, p.ranks)
         return LoraAdapter(self.adapter_id, moved, self.weight_bytes, self.source)
 
 

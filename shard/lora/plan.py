@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -21,7 +22,7 @@ SITES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _output_offsets(config: ModelConfig) -> dict[str, int]:
+def output_offsets(config: ModelConfig) -> dict[str, int]:
     """Column where each projection starts in its site's fused base output."""
     return {
         "q_proj": 0,
@@ -32,6 +33,12 @@ def _output_offsets(config: ModelConfig) -> dict[str, int]:
         "up_proj": config.intermediate_size,
         "down_proj": 0,
     }
+
+
+class LoraPlan(Protocol):
+    """What the model calls at each LoRA site: the CPU plan below, or the CUDA one (``cuda_plan``)."""
+
+    def apply(self, site: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None: ...
 
 
 def _rank_bucket(rank: int) -> int:
@@ -65,7 +72,7 @@ class LoraBatch:
     ) -> None:
         self.row_adapters = tuple(row_adapters)
         self.dtype = dtype
-        offsets = _output_offsets(config)
+        offsets = output_offsets(config)
         self._sites: dict[str, list[_Group]] = {}
         for site, projs in SITES.items():
             self._sites[site] = self._build_site(projs, offsets)
