@@ -27,6 +27,19 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 __device__ __forceinline__ __half from_float(float v, __half) { return __float2half_rn(v); }
 __device__ __forceinline__ __nv_bfloat16 from_float(float v, __nv_bfloat16) { return __float2bfloat16_rn(v); }
 
+// This block's tokens: positions [first, first + count) of `rows`, in segment blockIdx.x's tile blockIdx.z.
+// count is 0 when the segment is shorter than the tile's start (the block then has nothing to do).
+template <int TOK>
+struct TokenTile {
+  int first;
+  int count;
+  __device__ __forceinline__ explicit TokenTile(const int* __restrict__ seg_indptr) {
+    const int end = seg_indptr[blockIdx.x + 1];
+    first = seg_indptr[blockIdx.x] + static_cast<int>(blockIdx.z) * TOK;
+    count = first < end ? min(TOK, end - first) : 0;
+  }
+};
+
 }  // namespace loraplex
 
 // grid: (segments, ceil(h_in / kChunk), ceil(longest segment / TOK)); block: kWarps * 32 threads.
@@ -39,12 +52,11 @@ __global__ void __launch_bounds__(loraplex::kWarps * 32) lora_shrink(
     int h_in) {
   using namespace loraplex;
   const int seg = blockIdx.x;
-  const int begin = seg_indptr[seg];
-  const int end = seg_indptr[seg + 1];
-  const int tok0 = begin + static_cast<int>(blockIdx.z) * TOK;
+  const TokenTile<TOK> tile(seg_indptr);
+  const int tok0 = tile.first;
+  const int ntok = tile.count;
   const int k0 = static_cast<int>(blockIdx.y) * kChunk;
-  if (tok0 >= end || k0 >= h_in) return;  // uniform per block
-  const int ntok = min(TOK, end - tok0);
+  if (ntok == 0 || k0 >= h_in) return;  // uniform per block
   const int klen = min(kChunk, h_in - k0);
   const int rank = ranks[seg];
   const T* __restrict__ at = reinterpret_cast<const T*>(a_ptrs[seg]);
@@ -88,11 +100,10 @@ __global__ void __launch_bounds__(loraplex::kWarps * 32) lora_expand(
     int h_out) {
   using namespace loraplex;
   const int seg = blockIdx.x;
-  const int begin = seg_indptr[seg];
-  const int end = seg_indptr[seg + 1];
-  const int tok0 = begin + static_cast<int>(blockIdx.z) * TOK;
-  if (tok0 >= end) return;  // uniform per block
-  const int ntok = min(TOK, end - tok0);
+  const TokenTile<TOK> tile(seg_indptr);
+  const int tok0 = tile.first;
+  const int ntok = tile.count;
+  if (ntok == 0) return;  // uniform per block
   const int rank = min(ranks[seg], kMaxRank);
   const T* __restrict__ b = reinterpret_cast<const T*>(b_ptrs[seg]);
 

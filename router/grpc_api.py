@@ -188,15 +188,8 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
 
 def _adapter(a: shard_pb.AdapterInfo) -> pb.AdapterInfo:
-    return pb.AdapterInfo(
-        id=a.id,
-        rank=a.rank,
-        targets=a.targets,
-        bytes=a.bytes,
-        tier=a.tier,
-        requests=a.requests,
-        load_seconds=a.load_seconds,
-    )
+    # The public and the internal AdapterInfo share their fields and numbers (a test keeps them so).
+    return pb.AdapterInfo.FromString(a.SerializeToString())
 
 
 async def serve_grpc(service: RouterService, address: str) -> grpc.aio.Server:
