@@ -84,6 +84,7 @@ class AdapterRegistry:
                 finally:
                     self._loading.discard(adapter_id)
                 self.loaded[adapter_id] = time.monotonic()
+                self.metrics.adapter_loads.inc()
                 self.metrics.adapter_load_seconds.labels(adapter_id).set(time.perf_counter() - started)
                 log.info("adapter loaded", extra={"adapter": adapter_id, "bytes": info.bytes, "rank": info.rank})
         except grpc.aio.AioRpcError as exc:
@@ -98,6 +99,7 @@ class AdapterRegistry:
                 victim = min(idle, key=self.loaded.__getitem__)
                 del self.loaded[victim]
                 self._unloading.add(victim)
+                self.metrics.adapter_evictions.inc()
                 try:
                     await self.shards.unload_adapter(victim)
                 except grpc.aio.AioRpcError as exc:

@@ -42,6 +42,10 @@ class Metrics:
             ["adapter", "tier"],
             registry=r,
         )
+        self.adapter_loads = Counter("loraplex_adapter_loads", "Adapter loads from disk (all adapters)", registry=r)
+        self.adapter_evictions = Counter(
+            "loraplex_adapter_evictions", "Adapters unloaded to make room (all adapters)", registry=r
+        )
         self.queue_wait = Histogram(
             "loraplex_queue_wait_seconds", "Time from queueing to prefill", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -42,6 +42,7 @@ async def _answers(server: Server, jobs: list[tuple[str, str | None]]) -> list[l
 
 
 def test_two_shards_answer_like_one_for_base_and_mixed_adapters(tmp_path: Path) -> None:
+    """Also with the adapters loaded on demand under tensor parallelism."""
     model_dir, adapters = _setup(tmp_path)
     names: list[str | None] = [None, *adapters]
     prompts = ["the quick brown fox", "hello world", "what is the capital of France?", "json 0123"]
@@ -49,7 +50,9 @@ def test_two_shards_answer_like_one_for_base_and_mixed_adapters(tmp_path: Path) 
     results = []
     for n in (1, 2):
         (tmp_path / f"tp{n}").mkdir()
-        srv = start_server(tmp_path / f"tp{n}", model_dir, adapters, num_shard=n)
+        # One shard preloads the adapters; two shards load them on first request (each rank its slice).
+        preload, roots = (adapters, ()) if n == 1 else ({}, ("--adapter-dirs", str(tmp_path)))
+        srv = start_server(tmp_path / f"tp{n}", model_dir, preload, num_shard=n, shard_args=roots)
         try:
             results.append(asyncio.run(_answers(srv, jobs)))
         finally:

@@ -108,6 +108,9 @@ def test_zipf_workload_over_1000_adapters_equals_solo_runs(zipf_world: dict[str,
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
     longest = _metric(metrics, "loraplex_queue_wait_longest_seconds")
     slowest = max(r["seconds"] for r in results)
+    loads = _metric(metrics, "loraplex_adapter_loads_total")
+    print(f"\nzipf: {loads:.0f} loads for {distinct} distinct adapters ({loads / distinct:.2f} per adapter)")
+    assert distinct <= loads <= 2 * distinct  # LRU over what is idle: little reloading, no thrash
     print(
         f"\nzipf: {len(jobs)} requests over {distinct} adapters, longest queue wait {longest:.2f} s, "
         f"slowest request (adapter load + queue + generation) {slowest:.2f} s"
