@@ -1,0 +1,1 @@
+"""``loraplex-bench``: load generator, baselines (transformers, peft) and reports for loraplex."""
