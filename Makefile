@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench-decode demo-adapters clean
+.PHONY: install run test test-fast test-deploy deploy-tools lint bench-decode demo-adapters clean
 
 PROTOS := $(shell find proto -name '*.proto')
 STUBS := loraplex/v1/generate_pb2.py loraplex/shard/v1/shard_pb2.py
@@ -33,15 +33,28 @@ run: install
 	$(BIN)/loraplex-launcher --lora-adapters "$(LORA_ADAPTERS)"
 
 lint: install
-	$(BIN)/ruff check shard kernels loraplex router tests benchmarks scripts
-	$(BIN)/ruff format --check shard kernels loraplex router tests benchmarks scripts
+	$(BIN)/ruff check shard kernels loraplex router tests benchmarks scripts docker
+	$(BIN)/ruff format --check shard kernels loraplex router tests benchmarks scripts docker
 	$(BIN)/mypy
+	$(BIN)/mypy docker/entrypoint.py tests/deploy
 
-test: install lint
+test: install lint deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install deploy-tools
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Debian's docker-compose 1.29 validates compose.yaml in tests/deploy (no Docker daemon needed); skipped
+# when one is already on PATH, `apt-get update` only when the package lists are missing or stale.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deploy-tools:
+	@command -v docker-compose >/dev/null 2>&1 || \
+	  $(SUDO) apt-get install -y --no-install-recommends docker-compose || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends docker-compose; }
+
+# compose.yaml, the Helm chart (rendered with Helm's Go SDK, validated against Kubernetes schemas), images.
+test-deploy: install deploy-tools
+	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
 bench-decode: install
 	$(BIN)/python benchmarks/decode_step.py
