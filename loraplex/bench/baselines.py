@@ -42,7 +42,9 @@ def _chunks(items: Sequence[BenchRequest], size: int) -> Iterator[Sequence[Bench
 
 
 @torch.inference_mode()
-def _generate(model: Any, batch: Sequence[BenchRequest], pad_id: int, **kwargs: Any) -> tuple[list[int], list[float]]:
+def _generate(
+    model: Any, batch: Sequence[BenchRequest], pad_id: int, **kwargs: Any
+) -> tuple[list[list[int]], list[float]]:
     """Greedy, exactly ``max_new_tokens`` per row (EOS cannot end a row early): token counts, step times."""
     from transformers import LogitsProcessorList
 
@@ -64,14 +66,16 @@ def _generate(model: Any, batch: Sequence[BenchRequest], pad_id: int, **kwargs: 
         logits_processor=LogitsProcessorList([clock]),
         **kwargs,
     )
-    return [int(out.shape[1] - width)] * len(batch), clock.times
+    return out[:, width:].tolist(), clock.times
 
 
-def _record(batch: Sequence[BenchRequest], sent: float, counts: list[int], times: list[float]) -> list[RequestResult]:
+def _record(
+    batch: Sequence[BenchRequest], sent: float, tokens: list[list[int]], times: list[float]
+) -> list[RequestResult]:
     done = time.perf_counter()
     return [
-        RequestResult(r.index, r.adapter, sent, token_times=times[:n], done=done, finish_reason="length")
-        for r, n in zip(batch, counts, strict=True)
+        RequestResult(r.index, r.adapter, sent, times[: len(t)], list(t), done=done, finish_reason="length")
+        for r, t in zip(batch, tokens, strict=True)
     ]
 
 
@@ -92,8 +96,8 @@ def run_transformers(
     results: list[RequestResult] = []
     started = time.perf_counter()
     for batch in _chunks(requests, batch_size):
-        counts, times = _generate(model, batch, pad)
-        results += _record(batch, started, counts, times)
+        tokens, times = _generate(model, batch, pad)
+        results += _record(batch, started, tokens, times)
     return results, started, time.perf_counter()
 
 
@@ -133,8 +137,8 @@ def run_peft_sequential(
         if r.adapter is not None:
             model.set_adapter(names[r.adapter])
         with _adapter_off(model, r.adapter):
-            counts, times = _generate(model, [r], pad)
-        results += _record([r], started, counts, times)
+            tokens, times = _generate(model, [r], pad)
+        results += _record([r], started, tokens, times)
     return results, started, time.perf_counter()
 
 
@@ -153,6 +157,6 @@ def run_peft_mixed(
     results: list[RequestResult] = []
     started = time.perf_counter()
     for batch in _chunks(requests, batch_size):
-        counts, times = _generate(model, batch, pad, **adapter_names(batch))
-        results += _record(batch, started, counts, times)
+        tokens, times = _generate(model, batch, pad, **adapter_names(batch))
+        results += _record(batch, started, tokens, times)
     return results, started, time.perf_counter()

@@ -23,6 +23,7 @@ class RequestResult:
     adapter: str | None
     sent: float
     token_times: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     done: float = 0.0
     finish_reason: str = ""
     error: str = ""
@@ -75,6 +76,7 @@ class HttpClient:
                         break
                     if event.get("token") is not None:
                         result.token_times.append(time.perf_counter())
+                        result.token_ids.append(int(event["token"]["id"]))
                     if event.get("details"):
                         result.finish_reason = str(event["details"].get("finish_reason", ""))
         except httpx.HTTPError as exc:
@@ -110,6 +112,7 @@ class GrpcClient:
             async for event in call:
                 if event.HasField("token"):
                     result.token_times.append(time.perf_counter())
+                    result.token_ids.append(event.token.id)
                 if event.HasField("details"):
                     result.finish_reason = event.details.finish_reason
         except grpc.aio.AioRpcError as exc:

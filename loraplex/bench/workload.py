@@ -76,7 +76,7 @@ class PromptMaker:
             if token_id in special:
                 continue
             text = self.tokenizer.decode([token_id])
-            if len(text) < 3 or not text.startswith(" ") or not text[1:].isalpha() or not text[1:].islower():
+            if len(text) < 2 or not text.startswith(" ") or not text[1:].isalpha():
                 continue
             if self.tokenizer.encode(text, add_special_tokens=False).ids == [token_id]:
                 words.append(text)
