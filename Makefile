@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast test-deploy deploy-tools lint bench-decode demo-adapters clean
+.PHONY: install run test test-fast test-deploy deploy-tools lint bench bench-decode demo-adapters clean
 
 PROTOS := $(shell find proto -name '*.proto')
 STUBS := loraplex/v1/generate_pb2.py loraplex/shard/v1/shard_pb2.py
@@ -55,6 +55,13 @@ deploy-tools:
 # compose.yaml, the Helm chart (rendered with Helm's Go SDK, validated against Kubernetes schemas), images.
 test-deploy: install deploy-tools
 	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
+
+# The issue-8 suite on the CPU: loraplex and the transformers/peft baselines on the same requests, float32 and
+# bfloat16; tables on stdout, JSON and PNGs in $(BENCH_OUT) (docs/bench.md).
+BENCH_OUT ?= benchmarks/results
+bench: install
+	$(BIN)/loraplex-convert-embedded
+	$(BIN)/loraplex-bench suite --out $(BENCH_OUT)
 
 bench-decode: install
 	$(BIN)/python benchmarks/decode_step.py
