@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 PROG = "loraplex-entrypoint"
@@ -114,7 +114,7 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
             p.wait()
 
 
-def run_shards(env: MutableMapping[str, str], extra: Sequence[str]) -> int:
+def run_shards(env: Mapping[str, str], extra: Sequence[str]) -> int:
     """Start every rank, and stop them all when one dies: a process group cannot take back a restarted rank,
     so the container (restarted by compose or the kubelet) must restart as a unit."""
     try:
@@ -152,15 +152,22 @@ def run_shards(env: MutableMapping[str, str], extra: Sequence[str]) -> int:
     return 0
 
 
-def run_router(env: MutableMapping[str, str], extra: Sequence[str]) -> int:
-    """Exec ``loraplex-router``, pointing it at this replica's shard sockets unless SHARD_UDS says otherwise."""
-    if not env.get("SHARD_UDS"):
-        try:
-            env["SHARD_UDS"] = ",".join(shard_addresses(env))
-        except ValueError as exc:
-            return _fail(str(exc))
+def router_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The router's environment: this replica's shard sockets, unless SHARD_UDS names other addresses."""
+    out = dict(env)
+    if not out.get("SHARD_UDS"):
+        out["SHARD_UDS"] = ",".join(shard_addresses(env))
+    return out
+
+
+def run_router(env: Mapping[str, str], extra: Sequence[str]) -> int:
+    """Exec ``loraplex-router`` (so that it receives the container's signals directly)."""
+    try:
+        router_env = router_environment(env)
+    except ValueError as exc:
+        return _fail(str(exc))
     argv = [*command("loraplex-router", "router.main"), *extra]
-    os.execve(argv[0], argv, env)
+    os.execve(argv[0], argv, router_env)
     return 1  # not reached: execve replaces this process
 
 
