@@ -102,9 +102,14 @@ def run_baselines(
     batch_size: int,
     workload: str,
     base_requests: Sequence[BenchRequest] | None = None,
+    sequential_limit: int = 0,
 ) -> list[Summary]:
     """The chosen baselines, in process, on ``requests`` (transformers: on ``base_requests``, default the same
-    requests without their adapters). Each baseline produces exactly ``max_new_tokens`` per request."""
+    requests without their adapters). Each baseline produces exactly ``max_new_tokens`` per request.
+
+    ``sequential_limit`` > 0 runs peft one request at a time on only that many requests: each request runs
+    alone, so its tokens/s over the first k requests is its tokens/s over all of them, at a k-th of the time.
+    """
     out: list[Summary] = []
     new = max(r.max_new_tokens for r in requests)
     base = (
@@ -124,7 +129,8 @@ def run_baselines(
             raise ValueError("the peft baselines need --adapter-root to find the adapters' files")
         model = baselines.wrap_peft(baselines.load_model(model_dir, dtype), adapter_root or Path("."), peft_ids)
         if "peft-sequential" in names:
-            res, t0, t1 = baselines.run_peft_sequential(model, peft_ids, requests)
+            sample = requests[:sequential_limit] if sequential_limit > 0 else requests
+            res, t0, t1 = baselines.run_peft_sequential(model, peft_ids, sample)
             out.append(summarize("peft-sequential", workload, res, t0, t1, new))
         if "peft-mixed" in names:
             res, t0, t1 = baselines.run_peft_mixed(model, peft_ids, requests, batch_size)

@@ -31,15 +31,16 @@ class SuiteConfig:
     heavy_rank: int = 16
     few_adapters: int = 8
     many_adapters: int = 1000
-    zipf_requests: int = 128
+    zipf_requests: int = 96
     max_active_adapters: int = 64
     repeats: int = 2  # passes of each loraplex workload, interleaved; the best is kept
+    sequential_sample: int = 16  # peft one at a time: requests timed (each runs alone; tokens/s is per request)
     progress: bool = True
 
 
 QUICK = dict(
     requests=8, prompt_tokens=16, max_new_tokens=8, rank=4, heavy_rank=8, few_adapters=2, many_adapters=40,
-    zipf_requests=16, max_active_adapters=8, repeats=1,
+    zipf_requests=16, max_active_adapters=8, repeats=1, sequential_sample=4,
 )  # fmt: skip
 
 
@@ -104,6 +105,7 @@ def run_dtype(config: SuiteConfig, dtype: str, root: Path) -> dict[str, Any]:
     baseline = run_baselines(
         ["transformers", "peft-sequential", "peft-mixed"], c.model_dir, dtype, root,
         workloads["distinct"], n, "distinct", base_requests=workloads["base"],
+        sequential_limit=c.sequential_sample,
     )  # fmt: skip
     for s in baseline:
         summaries[s.system] = s
