@@ -28,7 +28,7 @@ def plot_throughput(summaries: Sequence[Summary], path: Path, title: str) -> Pat
     colors = ["#1f77b4" if s.system.startswith("loraplex") else "#aaaaaa" for s in summaries]
     bars = ax.bar(range(len(summaries)), [s.tokens_per_s for s in summaries], color=colors)
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks(range(len(summaries)), [_label(s) for s in summaries], fontsize=7)
+    ax.set_xticks(range(len(summaries)), [_label(s) for s in summaries], fontsize=7, rotation=30)
     ax.set_ylabel("output tokens / s")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -53,7 +53,9 @@ def plot_latency(summaries: Sequence[Summary], path: Path, title: str) -> Path:
         for k, key in enumerate(keys):
             xs = [i + k * width for i in range(len(shown))]
             ax.bar(xs, [1e3 * getattr(s, key) for s in shown], width, label=key.split("_")[1])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shown))], [_label(s) for s in shown], fontsize=7)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(shown))], [_label(s) for s in shown], fontsize=7, rotation=30
+        )
         ax.set_ylabel("ms")
         ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
