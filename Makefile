@@ -32,11 +32,12 @@ run: install
 	$(BIN)/loraplex-convert-embedded
 	$(BIN)/loraplex-launcher --lora-adapters "$(LORA_ADAPTERS)"
 
+# The second mypy run types the deployment checks and the images' entry point (imports silent: other
+# tests' helpers are not typed strictly).
 lint: install
 	$(BIN)/ruff check shard kernels loraplex router tests benchmarks scripts docker
 	$(BIN)/ruff format --check shard kernels loraplex router tests benchmarks scripts docker
 	$(BIN)/mypy
-	# The deployment checks and the images' entry point (silent: other tests' helpers are not typed strictly).
 	$(BIN)/mypy --follow-imports=silent docker/entrypoint.py tests/deploy
 
 test: install lint deploy-tools

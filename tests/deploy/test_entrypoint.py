@@ -159,3 +159,35 @@ def test_sigterm_stops_the_group_cleanly(group_env: dict[str, str], tmp_path: Pa
     finally:
         if shards.poll() is None:
             shards.kill()
+
+
+def fake_script(path: Path, body: str) -> Path:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_no_model_id_converts_the_embedded_model_once_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks start only after one conversion succeeded; a failed conversion is the container's exit code."""
+    ep = entrypoint()
+    calls = tmp_path / "calls"
+    scripts = {
+        "loraplex-convert-embedded": fake_script(tmp_path / "convert", f'echo convert "$LORAPLEX_CACHE" >> {calls}'),
+        "loraplex-shard": fake_script(tmp_path / "shard", f'echo shard "$@" >> {calls}; exit 5'),
+    }
+    monkeypatch.setattr(ep, "command", lambda script, module: [str(scripts[script])])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own handlers
+    env = {"NUM_SHARD": "2", "SHARD_SOCKET_DIR": str(tmp_path / "run"), "LORAPLEX_CACHE": "/data/loraplex"}
+    # A rank that exits takes the group down with its exit code.
+    assert ep.run_shards(env, ["--json-output"]) == 5
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "convert /data/loraplex"
+    assert {line.split()[2] for line in lines[1:]} <= {"0", "1"} and lines[1].endswith("--json-output")
+
+    fake_script(scripts["loraplex-convert-embedded"], "exit 2")
+    calls.unlink()
+    assert ep.run_shards(env, []) == 2
+    assert not calls.exists()  # no rank started
+    # With a model named, nothing is converted.
+    assert ep.run_shards({**env, "MODEL_ID": "org/model"}, []) == 5
+    assert not [line for line in calls.read_text().splitlines() if line.startswith("convert")]

@@ -174,6 +174,27 @@ def test_tenants_ingress_and_autoscaling(tmp_path: Path) -> None:
     assert policy["spec"]["ingress"][0]["from"] == values["networkPolicy"]["from"]
 
 
+def test_autoscaling_on_the_queue_alone_and_recreate_upgrades() -> None:
+    queue = {
+        "type": "Pods",
+        "pods": {"metric": {"name": "loraplex_queue_size"}, "target": {"type": "AverageValue", "averageValue": "8"}},
+    }
+    values = {
+        "autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None, "metrics": [queue]},
+        "strategy": {"type": "Recreate"},
+    }
+    objs = objects(values)
+    assert one(objs, "HorizontalPodAutoscaler")["spec"]["metrics"] == [queue]
+    # Recreate takes no rollingUpdate block (the API server refuses one), whatever the defaults hold.
+    assert one(objs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    for obj in objs:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[0], strict=True)
+    no_metrics = one(
+        objects({"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}}), "HorizontalPodAutoscaler"
+    )
+    assert "metrics" not in no_metrics["spec"]  # the API's default (CPU 80 %) rather than an empty list
+
+
 def test_a_changed_adapter_list_rolls_the_pods() -> None:
     def checksum(values: dict[str, Any]) -> str:
         annotations = one(objects(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]
