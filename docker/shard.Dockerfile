@@ -36,12 +36,13 @@ RUN chmod 0755 /usr/local/bin/loraplex-entrypoint \
     && mkdir -p /data /adapters /run/loraplex && chown loraplex:loraplex /data /adapters /run/loraplex
 # /data is the model volume: the hub cache and the converted embedded model live there, so a restart
 # neither downloads nor converts again. A named volume copies this ownership on first use.
+# No NVIDIA_VISIBLE_DEVICES=all: the GPUs are the ones compose reserves or the device plugin allocates,
+# and a container that asked for none gets none.
 ENV HF_HOME=/data/hf \
     LORAPLEX_CACHE=/data/loraplex \
     DEVICE=cuda \
     SHARD_SOCKET_DIR=/run/loraplex \
     CUPY_CACHE_DIR=/tmp/cupy \
-    NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     PYTHONUNBUFFERED=1
 USER 1000:1000

@@ -35,7 +35,6 @@ RUNTIME_ENV = {
 IMAGE_ENV = {
     "PYTHONUNBUFFERED": "log lines reach `docker logs` at once",
     "CUPY_CACHE_DIR": "CuPy's compiled-kernel cache (the home directory may be read-only)",
-    "NVIDIA_VISIBLE_DEVICES": "NVIDIA container toolkit: GPUs handed to the container",
     "NVIDIA_DRIVER_CAPABILITIES": "NVIDIA container toolkit: driver libraries mounted",
 }
 
