@@ -22,7 +22,7 @@ CHART = ROOT / "helm" / "loraplex"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 DOCKER = ROOT / "docker"
 # Kubernetes versions every rendered object must validate against (strict: no unknown fields).
-KUBE_VERSIONS = ("1.30.0", "1.33.0")
+KUBE_VERSIONS = ("1.30.0", "1.33.0", "1.37.0")
 
 # Variables the deployment sets that are no loraplex flag's twin, and who reads them.
 RUNTIME_ENV = {
