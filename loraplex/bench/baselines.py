@@ -1,5 +1,4 @@
-"""Baselines on the same requests: transformers ``generate`` (static batches, base only), peft one request at a
-time with ``set_adapter``, and peft mixed-adapter batches with ``adapter_names``."""
+"""Baselines on the same requests: transformers ``generate``, peft with ``set_adapter``, peft ``adapter_names``."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -36,8 +37,6 @@ async def run_load(
     label: str = "loraplex",
 ) -> tuple[list[RequestResult], float, float]:
     """Send the workload; returns the results (in completion order), the start and the end time."""
-    import random
-
     results: list[RequestResult] = []
     total = None if shape.duration > 0 else len(requests)
     bar = tqdm(total=total, desc=label, unit="req", disable=not progress, file=sys.stderr, leave=False)
@@ -93,13 +92,13 @@ async def screen_prompts(
     """``count`` prompts whose greedy base-model continuation runs the full ``max_new_tokens`` on this server.
 
     There is no ignore-EOS parameter, so a prompt whose continuation ends early is replaced by the next seed.
-    This pass doubles as the server's warm-up. Prompts still short after ``rounds`` rounds are kept.
+    This pass doubles as the server's warm-up.
     """
     seeds = list(range(count))
     next_seed = count
     prompts = {s: make_prompt(s) for s in seeds}
     pending = list(range(count))
-    for _ in range(rounds):
+    for round_ in range(rounds):
         batch = [BenchRequest(slot, prompts[seeds[slot]], None, max_new_tokens) for slot in pending]
         results, _, _ = await run_load(client, batch, LoadShape(concurrency=concurrency), progress, "screening")
         pending = []
@@ -108,8 +107,8 @@ async def screen_prompts(
                 raise RuntimeError(f"screening request failed: {r.error}")
             if r.tokens < max_new_tokens:
                 pending.append(r.index)
-        if not pending:
-            break
+        if not pending or round_ == rounds - 1:
+            break  # prompts still short after the last round are kept (and counted as short by the summary)
         for slot in pending:
             seeds[slot] = next_seed
             prompts[next_seed] = make_prompt(next_seed)
