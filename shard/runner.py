@@ -135,6 +135,8 @@ class ModelRunner:
         key = tuple(a.serial if a is not None else 0 for a in row_adapters)
         if cache and key == self._plan_key:
             return self._plan
+        if cache:
+            self.forget_plan()  # the old plan's weight copies go before the new ones are made, not after
         plan = make_plan(row_adapters, self.model.config, self.lora_dtype, self.model.device)
         if cache:
             self._plan_key, self._plan = key, plan

@@ -112,6 +112,8 @@ class LoraBatch:
         like = next(iter(sample.values())).a
         chunks = layout.num_chunks
         dtype = dtype or like.dtype
+        if len(members) == 1:
+            return LoraBatch._views(layout, members[0], present, offsets, dtype)
         a = like.new_zeros(num_layers, chunks, in_features, sum(ranks.values()), dtype=dtype)
         bs = {p: like.new_zeros(num_layers, chunks, ranks[p], sample[p].b.shape[-1], dtype=dtype) for p in present}
         for chunk, key in enumerate(layout.chunk_keys):
@@ -130,6 +132,24 @@ class LoraBatch:
             expands.append(_Expand(bs[p], slice(col, col + ranks[p]), slice(offsets[p], offsets[p] + out)))
             col += ranks[p]
         return _Group(layout, a, tuple(expands))
+
+    @staticmethod
+    def _views(
+        layout: SegmentLayout, member: LoraAdapter, present: list[str], offsets: dict[str, int], dtype: torch.dtype
+    ) -> _Group:
+        """A group of one adapter uses that adapter's own tensors, broadcast over its chunks: only the A
+        matrices of projections sharing a shrink are copied (a full copy per batch would double the memory
+        of every adapter in use)."""
+        chunks = layout.num_chunks
+        weights = [member.projections[p] for p in present]
+        a = torch.cat([w.a.to(dtype) for w in weights], dim=-1) if len(weights) > 1 else weights[0].a.to(dtype)
+        expands = []
+        col = 0
+        for p, w in zip(present, weights, strict=True):
+            b = w.b.to(dtype).unsqueeze(1).expand(-1, chunks, -1, -1)
+            expands.append(_Expand(b, slice(col, col + w.rank), slice(offsets[p], offsets[p] + b.shape[-1])))
+            col += w.rank
+        return _Group(layout, a.unsqueeze(1).expand(-1, chunks, -1, -1), tuple(expands))
 
     def apply(self, site: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add every row's LoRA delta for ``site`` at ``layer`` into the fused base output ``y``."""

@@ -129,6 +129,7 @@ def memory_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for i in range(40):
         write_raw_adapter(root / f"m{i:02d}", model_dir, rank=64, targets=every, seed=i, std=0.05)
+    write_raw_adapter(root / "warm", model_dir, rank=64, targets=every, seed=99, std=0.05)
     server = start_server(
         top,
         model_dir,
@@ -157,6 +158,9 @@ def test_host_memory_stays_within_the_tier_limits_and_unload_frees_it(memory_wor
     admin = {"Authorization": f"Bearer {ADMIN}"}
     for _ in range(3):
         _answer(server, None)  # warm the base path first: its buffers are not the adapters' doing
+    # ... and the adapter path (loader threads, LoRA buffers), with an adapter that leaves afterwards
+    _answer(server, "warm")
+    assert httpx.delete(server.url + "/admin/adapters/warm", headers=admin, timeout=30).status_code == 200
     before = _rss_bytes(pid)
     answers = {f"m{i:02d}": _answer(server, f"m{i:02d}") for i in range(40)}
     after = _rss_bytes(pid)
