@@ -28,7 +28,8 @@ class FlagParser(argparse.ArgumentParser):
         for action in self._actions:
             for option in action.option_strings:
                 env = self.env_names.get(option)
-                if env and env in environ:
+                # An empty twin is unset, as in TGI: compose and Helm often pass ``VAR=`` for "no value".
+                if env and environ.get(env, "").strip():
                     raw = environ[env]
                     if isinstance(action, argparse._StoreTrueAction):
                         action.default = raw.strip().lower() in ("1", "true", "yes", "on")
@@ -37,6 +38,8 @@ class FlagParser(argparse.ArgumentParser):
                             action.default = action.type(raw) if action.type else raw  # type: ignore[operator]
                         except (TypeError, ValueError):
                             self.error(f"environment variable {env}={raw!r} is not a valid value for {option}")
+                        if action.choices is not None and action.default not in action.choices:
+                            self.error(f"environment variable {env}={raw!r} is not one of {list(action.choices)}")
         return self.parse_args(argv)
 
     def error(self, message: str) -> NoReturn:

@@ -85,11 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loraplex-") as run_dir:
         sockets = [f"unix://{Path(run_dir) / f'shard-{rank}.sock'}" for rank in range(args.num_shard)]
         shards = []
-        for sock in sockets:
+        master_port = str(_free_port())  # where the ranks meet for torch.distributed
+        for rank, sock in enumerate(sockets):
             cmd = [
                 *_command("loraplex-shard", "shard.main"),
                 "--listen",
                 sock,
+                "--rank",
+                str(rank),
+                "--num-shard",
+                str(args.num_shard),
+                "--master-port",
+                master_port,
                 "--dtype",
                 args.dtype,
                 "--device",
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.append("--json-output")
             shards.append(subprocess.Popen(cmd))
         router_cmd = [*_command("loraplex-router", "router.main"), "--shard-uds", ",".join(sockets)]
+        router_cmd += ["--connect-timeout", str(args.startup_timeout)]
         for flag in (
             "max_input_tokens",
             "max_total_tokens",

@@ -43,10 +43,11 @@ class AdapterRegistry:
         self._parallel = asyncio.Semaphore(parallel_loads)
 
     async def sync(self) -> None:
-        """Take over what the shards already hold (at start-up, or after a router restart)."""
-        for a in await self.shards.list_adapters():
-            if a.tier in ("host", "device"):
-                self.loaded[a.id] = time.monotonic()
+        """Take over what the shards hold (at start-up, after a router restart, or after a shard restart,
+        which forgets the adapters loaded on demand)."""
+        now = time.monotonic()
+        held = [a.id for a in await self.shards.list_adapters() if a.tier in ("host", "device")]
+        self.loaded = {adapter_id: self.loaded.get(adapter_id, now) for adapter_id in held}
 
     @property
     def pending_loads(self) -> int:

@@ -27,11 +27,11 @@ from router.tokenizer import TextTokenizer
 log = logging.getLogger("loraplex.router")
 
 
-async def build_service(settings: RouterSettings, connect_timeout: float = 120.0) -> RouterService:
+async def build_service(settings: RouterSettings) -> RouterService:
     """Connect to every rank, read the model's tokenizer and adapter list: the router's whole state."""
     tenants = Tenants.from_file(settings.api_keys_file) if settings.api_keys_file else None  # fail before waiting
     shards = ShardClients(settings.shard_uds)
-    info = await shards.wait_ready(connect_timeout)
+    info = await shards.wait_ready(settings.connect_timeout)
     await shards.clear()  # batches a previous router left behind (it crashed or was killed) are orphans
     tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
     tokenizer = TextTokenizer(tokenizer_dir)

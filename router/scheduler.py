@@ -8,7 +8,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +21,9 @@ from router.tokenizer import TextTokenizer
 from router.validation import GenerateParameters
 
 log = logging.getLogger("loraplex.router")
+
+
+RECOVERY_INTERVAL_S = 2.0  # how often an idle, unhealthy router asks the shards again
 
 
 class Overloaded(RuntimeError):
@@ -108,6 +111,7 @@ class Scheduler:
         self.healthy = True
         self.adapter_slots = 1 << 30  # the shards' --max-active-adapters, set once they are known
         self.on_finish: Callable[[Entry], None] | None = None
+        self.on_recovered: Callable[[], Awaitable[None]] | None = None  # shards answer again after a failure
         self.longest_wait = 0.0
 
     @property
@@ -133,7 +137,17 @@ class Scheduler:
         while True:
             if not self.waiting and not self.running:
                 self._wake.clear()
-                await self._wake.wait()
+                if self.healthy:
+                    await self._wake.wait()
+                else:  # retry the clean-up now and then: a restarted shard is taken back without a router restart
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), RECOVERY_INTERVAL_S)
+            if not self.healthy and not self.running and not await self._recover():
+                for e in self.waiting:
+                    if not e.finished:
+                        self._finish(e, ErrorEvent("generation failed: the shards are not answering"))
+                self.waiting.clear()
+                continue
             try:
                 await self._step()
             except asyncio.CancelledError:
@@ -369,10 +383,27 @@ class Scheduler:
         self.waiting.clear()
         self.running.clear()
         self.members.clear()
+        await self._clear_shards()
+        for e in failed:
+            self._release(e)
+
+    async def _clear_shards(self) -> bool:
+        """Drop every batch the shards hold; ``healthy`` says whether every rank answered."""
         try:
             # A rank stuck in a collective with a dead peer holds its lock: do not wait for it forever.
             await asyncio.wait_for(self.shards.clear(), timeout=5.0)
         except (grpc.aio.AioRpcError, TimeoutError):
             self.healthy = False
-        for e in failed:
-            self._release(e)
+        else:
+            self.healthy = True
+        return self.healthy
+
+    async def _recover(self) -> bool:
+        """After a failed clean-up: once every rank answers (and holds nothing), serve again."""
+        if not await self._clear_shards():
+            return False
+        log.info("shards answer again; serving")
+        if self.on_recovered is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.on_recovered()
+        return True

@@ -45,6 +45,7 @@ class RouterService:
         self.tenants = tenants
         self.draining = False  # set on SIGTERM: new work is refused, in-flight work finishes
         scheduler.on_finish = self._finished
+        scheduler.on_recovered = registry.sync
 
     @property
     def busy(self) -> bool:

@@ -28,6 +28,7 @@ class RouterSettings:
     waiting_served_ratio: float = 1.2
     adapter_slot_patience: float = 2.0
     drain_timeout: float = 25.0
+    connect_timeout: float = 120.0
     max_body_bytes: int = 1 << 20
     api_keys_file: Path | None = None
     admin_token: str = ""
@@ -76,6 +77,12 @@ def router_parser() -> FlagParser:
     )
     p.flag("--tokenizer-dir", type=Path, default=None, help="default: the model directory rank 0 reports")
     p.flag("--model-id", default="", help="name reported by /info and /v1/models")
+    p.flag(
+        "--connect-timeout",
+        type=float,
+        default=RouterSettings.connect_timeout,
+        help="seconds to wait at start-up for every shard to answer (they may still be loading the model)",
+    )
     add_serving_flags(p)
     return p
 
@@ -95,6 +102,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RouterSettings:
         problems.append("--max-batch-total-tokens must be at least --max-total-tokens")
     if min(s.max_concurrent_requests, s.max_batch_size, s.max_input_tokens) < 1:
         problems.append("limits must be positive")
+    if s.connect_timeout <= 0:
+        problems.append("--connect-timeout must be positive")
     if not s.shard_uds:
         problems.append("--shard-uds names no shard")
     if problems:

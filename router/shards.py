@@ -17,6 +17,7 @@ class ShardClients:
 
     def __init__(self, addresses: Sequence[str]) -> None:
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        self.addresses = tuple(addresses)
         self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
         self.stubs = [pb_grpc.ShardStub(c) for c in self.channels]
 
@@ -63,11 +64,22 @@ class ShardClients:
         while True:
             try:
                 await self.health(timeout=2.0)
-                return await self.info()
+                infos = await asyncio.gather(*(s.Info(pb.InfoRequest(), timeout=5.0) for s in self.stubs))
+                break
             except grpc.aio.AioRpcError:
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+        for position, (address, info) in enumerate(zip(self.addresses, infos, strict=True)):
+            # Shards started without their ranks would each hold the whole model and answer alike: the
+            # output looks right while nothing is split. Refuse that set-up instead.
+            if info.rank != position or info.world_size != len(self.addresses):
+                raise ValueError(
+                    f"the shard at {address} is rank {info.rank} of {info.world_size}, but it is listed as "
+                    f"rank {position} of {len(self.addresses)} (start each shard with --rank and --num-shard, "
+                    "rank 0 first in --shard-uds)"
+                )
+        return infos[0]
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("loraplex.router")
+
+
+SHORT_KEY = 16  # characters; shorter keys are accepted with a warning
+
+
+def _usable(key: str) -> bool:
+    """A key a client can send in ``Authorization: Bearer <key>``: printable, no spaces."""
+    return bool(key) and key.isprintable() and not any(c.isspace() for c in key)
 
 
 class TenancyError(ValueError):
@@ -57,8 +68,10 @@ class Tenants:
             base = entry.get("base", True)
             if not isinstance(name, str) or not name:
                 raise TenancyError(f"{where}: tenant {i} needs a `name`")
-            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and len(k) >= 8 for k in keys):
-                raise TenancyError(f"{where}: tenant {name!r} needs `keys`, strings of at least 8 characters")
+            # Any length is accepted (SPEC §7's own example keys are 7 characters); the router logs a warning
+            # for keys shorter than SHORT_KEY, which a client could guess.
+            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and _usable(k) for k in keys):
+                raise TenancyError(f"{where}: tenant {name!r} needs `keys`, non-empty strings without spaces")
             if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
                 raise TenancyError(f"{where}: tenant {name!r}: `adapters` must be a list of ids or globs")
             if not isinstance(base, bool):
@@ -68,6 +81,9 @@ class Tenants:
                 if key in by_key:
                     raise TenancyError(f"{where}: a key of tenant {name!r} is also given to {by_key[key].name!r}")
                 by_key[key] = tenant
+        short = sorted({t.name for k, t in by_key.items() if len(k) < SHORT_KEY})
+        if short:
+            log.warning("tenants with keys shorter than %d characters (guessable): %s", SHORT_KEY, ", ".join(short))
         return cls(by_key)
 
     def for_authorization(self, header: str | None) -> Tenant | None:

@@ -19,7 +19,7 @@ from shard.lora.config import AdapterError
 from shard.lora.roots import AdapterRoots
 from shard.lora.sources import parse_adapter_specs, resolve_adapter_source
 from shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
-from shard.parallel import TensorParallel, init_tensor_parallel
+from shard.parallel import TensorParallel, init_tensor_parallel, rank_device
 from shard.runner import build_runner, parse_dtype
 from shard.server import ShardServicer, serve
 from shard.service import ShardService
@@ -64,17 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         fail("loraplex-shard", "--max-active-adapters must be at least 1 and --max-cpu-adapters at least 0")
     if not 0 <= args.rank < args.num_shard:
         fail("loraplex-shard", f"--rank {args.rank} is not in 0..{args.num_shard - 1}")
+    device = rank_device(args.device, args.rank, args.num_shard)
     try:
         model_dir = resolve_model_dir(args.model_id) if args.model_id else embedded_model_dir()
-        dtype = parse_dtype(args.dtype, args.device)
+        dtype = parse_dtype(args.dtype, device)
         config = ModelConfig.from_dir(model_dir)
         TensorParallel(args.rank, args.num_shard).check(config)  # before waiting for the other ranks
         init = f"tcp://{args.master_addr}:{args.master_port}"
-        tp = init_tensor_parallel(args.rank, args.num_shard, init, args.device)
+        tp = init_tensor_parallel(args.rank, args.num_shard, init, device)
         runner = build_runner(
             model_dir,
             dtype=dtype,
-            device=args.device,
+            device=device,
             kv_blocks=args.max_batch_total_tokens // args.block_size,
             block_size=args.block_size,
             tp=tp,
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         store = AdapterStore(
             runner.model.full_config,
             dtype=dtype,
-            device=args.device,
+            device=device,
             max_rank=args.max_lora_rank,
             tp=tp,
             roots=AdapterRoots.parse(args.adapter_dirs),
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     info = pb.InfoResponse(
         model_id=args.model_id or str(model_dir),
         dtype=str(dtype).removeprefix("torch."),
-        device=args.device,
+        device=device,
         block_size=args.block_size,
         num_blocks=runner.cache.allocator.num_blocks,
         vocab_size=config.vocab_size,

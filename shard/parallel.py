@@ -83,6 +83,14 @@ class TensorParallel:
         return buf.to(x.dtype) if buf is not x else buf
 
 
+def rank_device(device: str, rank: int, world: int) -> str:
+    """The device a rank runs on: plain ``cuda`` means one GPU per rank (``cuda:<rank>``), as torchrun does;
+    an explicit ``cuda:N`` or ``cpu`` is kept."""
+    if device == "cuda" and world > 1:
+        return f"cuda:{rank}"
+    return device
+
+
 def init_tensor_parallel(
     rank: int, world: int, init_method: str, device: str = "cpu", timeout_s: float = 30.0
 ) -> TensorParallel:

@@ -56,6 +56,13 @@ class Server:
         self.stop()
         raise RuntimeError("server did not become healthy:\n" + self.log_text())
 
+    def restart_shard(self, rank: int) -> None:
+        """Start rank ``rank`` again with its first command line (after it died), as a supervisor would."""
+        old = self.procs[rank]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = self.logs[rank].open("ab")
+        self.procs[rank] = subprocess.Popen(old.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
     @property
     def shards(self) -> list[subprocess.Popen[bytes]]:
         return self.procs[: len(self.shard_addresses)]

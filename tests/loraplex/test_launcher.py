@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +41,7 @@ def _launch(
         "8192",
         "--num-shard",
         str(num_shard),
+        "--json-output",
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -102,6 +104,13 @@ def test_a_dead_shard_takes_the_launcher_down_non_zero(
     children = _children(proc.pid)
     shards = [c for c in children if _is_shard(c)]
     assert len(shards) == num_shard
+    # Real tensor parallelism: the ranks joined one group and each holds its own part of the model
+    # (the router also refuses shards that report another rank or world size than their place).
+    ready = [
+        json.loads(line) for line in (tmp_path / "launcher.log").read_text().splitlines() if '"shard ready"' in line
+    ]
+    assert sorted(r["rank"] for r in ready) == list(range(num_shard))
+    assert len({r["sharded_weight_bytes"] for r in ready}) == 1  # equal slices
     os.kill(shards[-1], signal.SIGKILL)
     assert proc.wait(timeout=60) != 0
     time.sleep(0.5)

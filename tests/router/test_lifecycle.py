@@ -6,6 +6,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -141,3 +143,43 @@ def test_a_client_that_stops_reading_does_not_grow_memory(server: Server) -> Non
             break
         assert time.monotonic() < deadline, "the abandoned stream was never cleaned up"
         time.sleep(0.2)
+
+
+def test_a_router_refuses_shards_out_of_place_and_stops_waiting_at_connect_timeout(
+    server: Server, tmp_path: Path
+) -> None:
+    base = [sys.executable, "-m", "router.main", "--port", "0", "--grpc-port", "0"]
+    # The one shard of a one-rank group listed as both ranks of two: serving would look right and split nothing.
+    twice = ",".join(server.shard_addresses * 2)
+    proc = subprocess.run([*base, "--shard-uds", twice], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "is rank 0 of 1, but it is listed as rank 0 of 2" in proc.stderr
+    assert _shard_health(server).cached_batches == 0
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # the real router kept serving
+
+    started = time.monotonic()
+    missing = f"unix://{tmp_path / 'nobody.sock'}"
+    proc = subprocess.run(
+        [*base, "--shard-uds", missing, "--connect-timeout", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "not reachable" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_restarted_shard_is_taken_back_without_restarting_the_router(server: Server) -> None:
+    body = {"inputs": "the sea", "parameters": {"max_new_tokens": 8, "adapter_id": server.adapters[0]}}
+    solo = httpx.post(server.url + "/generate", json=body, timeout=60)
+    assert solo.status_code == 200
+    server.shards[0].kill()
+    server.shards[0].wait(10)
+    failed = httpx.post(server.url + "/generate", json=body, timeout=30)
+    assert failed.status_code in (424, 503), failed.text  # an explicit error, not a hang
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 503
+
+    server.restart_shard(0)  # what compose's restart policy or the kubelet does with the shard container
+    deadline = time.monotonic() + 60
+    while httpx.get(server.url + "/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.5)
+    again = httpx.post(server.url + "/generate", json=body, timeout=60)
+    assert again.status_code == 200 and again.json() == solo.json()

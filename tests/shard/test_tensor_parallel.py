@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from shard.lora.store import AdapterStore
-from shard.parallel import ParallelError, TensorParallel, init_tensor_parallel
+from shard.parallel import ParallelError, TensorParallel, init_tensor_parallel, rank_device
 from shard.runner import Sequence, build_runner
 from tests.factories import make_adapter, tiny_model
 from tests.servers import free_port
@@ -81,3 +81,11 @@ def test_shapes_that_do_not_split_are_refused(tmp_path: Path) -> None:
     tiny_model(tmp_path, "llama_tied_linear")  # 6 heads
     with pytest.raises(ParallelError, match="6 attention heads cannot be split evenly over 4"):
         build_runner(tmp_path, tp=TensorParallel(rank=0, world=4))
+
+
+@pytest.mark.parametrize(
+    ("device", "rank", "world", "expected"),
+    [("cuda", 1, 2, "cuda:1"), ("cuda", 0, 1, "cuda"), ("cuda:3", 1, 2, "cuda:3"), ("cpu", 1, 2, "cpu")],
+)
+def test_each_rank_gets_its_own_gpu_unless_told_otherwise(device: str, rank: int, world: int, expected: str) -> None:
+    assert rank_device(device, rank, world) == expected
