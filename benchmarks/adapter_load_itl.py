@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.synthetic_adapters import ALL_PROJECTIONS, ATTENTION, write_adapter
+from loraplex.bench.adapters import ALL_PROJECTIONS, ATTENTION, write_adapter
 from shard.config import ModelConfig
 from shard.embedded import embedded_model_dir
 

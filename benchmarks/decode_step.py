@@ -17,22 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.synthetic_adapters import ALL_PROJECTIONS, ATTENTION, write_adapter
+from loraplex.bench.adapters import ALL_PROJECTIONS, ATTENTION, write_adapter
+from loraplex.bench.floor import read_bandwidth
 from shard.embedded import embedded_model_dir
 from shard.lora.adapter import LoraAdapter
 from shard.lora.store import AdapterStore
 from shard.runner import ModelRunner, Sequence, build_runner, parse_dtype
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best bytes/s of summing a large tensor: how fast this machine streams memory into the cores."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.nbytes / best
 
 
 def make_batch(runner: ModelRunner, adapters: list[LoraAdapter | None], prompt_len: int, seed: int) -> list[Sequence]:

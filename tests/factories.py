@@ -192,8 +192,8 @@ def write_raw_adapter(
     std: float = 0.3,
 ) -> Path:
     """A PEFT-format adapter for the checkpoint in ``model_dir``, written without PEFT: fast for thousands."""
-    from benchmarks.synthetic_adapters import write_adapter
+    from loraplex.bench.adapters import write_adapter
     from shard.config import ModelConfig
 
     config = ModelConfig.from_dir(model_dir)
-    return write_adapter(directory, config, rank, targets, seed, alpha=2.0 * rank, std=std)
+    return write_adapter(directory, config, rank, targets, seed, std=std)

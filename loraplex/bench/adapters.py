@@ -42,20 +42,42 @@ def parse_targets(value: str) -> tuple[str, ...]:
     return targets
 
 
-def write_adapter(directory: Path, config: ModelConfig, rank: int, targets: Sequence[str], seed: int) -> None:
-    """A PEFT LoRA directory with random A ~ N(0, 1/in) and B ~ N(0, 0.01²): small deltas, like a trained one's."""
+def write_adapter(
+    directory: Path,
+    config: ModelConfig,
+    rank: int,
+    targets: Sequence[str],
+    seed: int,
+    alpha: float | None = None,
+    std: float | None = None,
+) -> Path:
+    """A PEFT LoRA directory (config + safetensors) with random A and B on every layer; alpha 2 × rank
+    unless given.
+
+    By default the deltas are small, like a trained adapter's (A ~ N(0, 1/in), B ~ N(0, 0.01²)); ``std``
+    draws both halves from N(0, std²) instead, large enough that every adapter visibly changes the output
+    (what tests want).
+    """
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config.num_layers):
         for proj in targets:
             in_f, out_f = config.projection_shape(proj)
             prefix = f"base_model.model.model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * in_f**-0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.01
+            a_scale, b_scale = (std, std) if std is not None else (in_f**-0.5, 0.01)
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * a_scale
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * b_scale
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2.0 * rank, "target_modules": list(targets), "bias": "none"}
+    cfg = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2.0 * rank if alpha is None else alpha,
+        "target_modules": list(targets),
+        "bias": "none",
+    }
     (directory / "adapter_config.json").write_text(json.dumps(cfg))
+    return directory
 
 
 def ensure_adapters(root: Path, model_dir: Path, spec: AdapterSpec, indices: Iterable[int]) -> list[str]:
