@@ -60,6 +60,12 @@ def parse_parameters(service: RouterService, raw: dict[str, Any]) -> GeneratePar
         raise ApiError(422, "validation", str(exc)) from exc
 
 
+async def client_gone(request: Request) -> None:
+    """Returns once the client hangs up: the body is read by now, so a disconnect is all that can arrive."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def tenant_of(request: Request) -> Tenant | None:
     """The caller's tenant, set by the app's key check (None on an open server)."""
     return getattr(request.state, "tenant", None)
@@ -111,10 +117,10 @@ async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> Async
 def tgi_routes(service: RouterService) -> APIRouter:
     api = APIRouter()
 
-    async def generate(body: GenerateBody, tenant: Tenant | None) -> dict[str, Any]:
+    async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
         params = parse_parameters(service, body.parameters)
-        entry = await service.prepare(body.inputs, params, tenant)
-        end = await service.result(entry)
+        entry = await service.prepare(body.inputs, params, tenant_of(request))
+        end = await service.result(entry, client_gone(request))
         out: dict[str, Any] = {"generated_text": service.full_text(body.inputs, end, params)}
         if params.details:
             out["details"] = details_json(end, params)
@@ -129,11 +135,11 @@ def tgi_routes(service: RouterService) -> APIRouter:
     async def compat(body: GenerateBody, request: Request) -> Any:
         if body.stream:
             return await stream(body, tenant_of(request))
-        return [await generate(body, tenant_of(request))]
+        return [await generate(body, request)]
 
     @api.post("/generate", summary="Generate text")
     async def generate_route(body: GenerateBody, request: Request) -> dict[str, Any]:
-        return await generate(body, tenant_of(request))
+        return await generate(body, request)
 
     @api.post("/generate_stream", summary="Generate text as server-sent events")
     async def generate_stream(body: GenerateBody, request: Request) -> StreamingResponse:

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from router.http_api import request_json, tenant_of
+from router.http_api import client_gone, request_json, tenant_of
 from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent
 from router.schemas import CHAT_BODY, COMPLETION_BODY
 from router.service import ApiError, RouterService
@@ -126,7 +126,7 @@ def openai_routes(service: RouterService) -> APIRouter:
         if body.get("stream"):
             return StreamingResponse(_stream(service, entry, name, kind), media_type="text/event-stream")
         try:
-            end = await service.result(entry)
+            end = await service.result(entry, client_gone(request))
         except ApiError as exc:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
         text = end.generated_text

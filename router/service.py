@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from loraplex.adapter_ids import adapter_id_problem
@@ -132,7 +134,26 @@ class RouterService:
         finally:
             self.scheduler.cancel(entry)
 
-    async def result(self, entry: Entry) -> EndEvent:
+    async def result(self, entry: Entry, gone: Awaitable[None] | None = None) -> EndEvent:
+        """The entry's end. ``gone`` completes when the client hangs up: the request is cancelled then,
+        freeing its batch slot and KV blocks, rather than generated to the end for nobody."""
+        if gone is None:
+            return await self._result(entry)
+        task = asyncio.ensure_future(self._result(entry))
+        watcher = asyncio.ensure_future(gone)
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise ApiError(499, "cancelled", "the client closed the connection")
+        return task.result()
+
+    async def _result(self, entry: Entry) -> EndEvent:
         async for event in self.events(entry):
             if isinstance(event, ErrorEvent):
                 raise ApiError(404 if event.error_type == "adapter_not_found" else 424, event.error_type, event.message)

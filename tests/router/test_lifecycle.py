@@ -183,3 +183,30 @@ def test_a_restarted_shard_is_taken_back_without_restarting_the_router(server: S
         time.sleep(0.5)
     again = httpx.post(server.url + "/generate", json=body, timeout=60)
     assert again.status_code == 200 and again.json() == solo.json()
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/generate", {"inputs": "hello world", "parameters": {"max_new_tokens": 1500}}),
+        ("/", {"inputs": "hello world", "parameters": {"max_new_tokens": 1500}}),
+        ("/v1/completions", {"prompt": "hello world", "max_tokens": 1500}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1500}),
+    ],
+)
+def test_a_client_that_hangs_up_on_a_plain_request_frees_its_slot(
+    server: Server, route: str, body: dict[str, Any]
+) -> None:
+    def cancelled() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        match = re.search(r'^loraplex_requests_total\{status="cancelled"\} (\S+)$', text, re.M)
+        return float(match[1]) if match else 0.0
+
+    before = cancelled()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + route, json=body, timeout=httpx.Timeout(60, read=1.0))
+    deadline = time.monotonic() + 10
+    while (health := _shard_health(server)).cached_requests or health.kv_blocks_used:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    assert cancelled() == before + 1  # cancelled, not generated to its end for nobody
