@@ -12,6 +12,7 @@ from pathlib import Path
 from loraplex.flags import FlagParser, fail
 from loraplex.logs import setup_logging
 from loraplex.shard.v1 import shard_pb2 as pb
+from shard.allocator import keep_freed_memory
 from shard.checkpoint import CheckpointError, resolve_model_dir
 from shard.config import ModelConfig, ModelConfigError
 from shard.embedded import EmbeddedModelError, embedded_model_dir
@@ -58,6 +59,7 @@ def parser() -> FlagParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse(argv)
     setup_logging(args.json_output)
+    keep_freed_memory()  # before the model is built: its activations then reuse freed memory
     if args.max_batch_total_tokens < args.block_size or args.block_size < 1:
         fail("loraplex-shard", "--max-batch-total-tokens must hold at least one --block-size block")
     if args.max_active_adapters < 1 or args.max_cpu_adapters < 0:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shard.lora.store import AdapterStore, release_freed_memory
+from shard.allocator import release_freed_memory
+from shard.lora.store import AdapterStore
 from shard.runner import ModelRunner, Sequence
 from shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,17 +38,6 @@ class AdapterRecord:
     @property
     def tier(self) -> str:
         return "device" if self.device is not None else "host" if self.host is not None else "disk"
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS: glibc keeps large freed blocks otherwise, and RSS never drops.
-
-    Call it outside the model lock: trimming a large heap takes a while (ctypes drops the GIL meanwhile).
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class AdapterStore:
