@@ -20,6 +20,13 @@ class Metrics:
         self.inter_token_latency = Histogram(
             "loraplex_inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.forward_duration = Histogram(
+            "loraplex_batch_forward_duration_seconds",
+            "Wall time of one Prefill or Decode call to the shards, as the router sees it (TGI's metric)",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_size = Gauge("loraplex_queue_size", "Requests waiting for prefill", registry=r)
         self.running_requests = Gauge("loraplex_running_requests", "Requests in the running batch", registry=r)
         self.batch_size = Histogram(

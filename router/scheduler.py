@@ -247,7 +247,8 @@ class Scheduler:
         for e in entries:  # running from now on, so that a failing step reaches them too
             self.running[e.id] = e
         try:
-            resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=requests))
+            with self.metrics.forward_duration.labels("prefill").time():
+                resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=requests))
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise  # a shard is gone or stuck: everyone in flight is affected
@@ -274,7 +275,8 @@ class Scheduler:
             return
         ids = list(self.members)
         self.metrics.batch_size.observe(len(self.running))
-        resp = await self.shards.decode([pb.CachedBatch(id=b, request_ids=self.members[b]) for b in ids])
+        with self.metrics.forward_duration.labels("decode").time():
+            resp = await self.shards.decode([pb.CachedBatch(id=b, request_ids=self.members[b]) for b in ids])
         merged = [r for b in ids for r in self.members.pop(b)]
         self.members[resp.batch.id] = merged
         self._handle(resp.generations)

@@ -20,6 +20,7 @@ from shard.lora.config import AdapterError
 from shard.lora.roots import AdapterRoots
 from shard.lora.sources import parse_adapter_specs, resolve_adapter_source
 from shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
+from shard.model_thread import ModelThread, serial_torch_in_this_thread
 from shard.parallel import TensorParallel, init_tensor_parallel, rank_device
 from shard.runner import build_runner, parse_dtype
 from shard.server import ShardServicer, serve
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.rank < args.num_shard:
         fail("loraplex-shard", f"--rank {args.rank} is not in 0..{args.num_shard - 1}")
     device = rank_device(args.device, args.rank, args.num_shard)
+    model_thread = ModelThread()  # builds and runs the model; no other thread starts a parallel torch op
+    serial_torch_in_this_thread()  # this thread only preloads adapters
     try:
         model_dir = resolve_model_dir(args.model_id) if args.model_id else embedded_model_dir()
         dtype = parse_dtype(args.dtype, device)
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         TensorParallel(args.rank, args.num_shard).check(config)  # before waiting for the other ranks
         init = f"tcp://{args.master_addr}:{args.master_port}"
         tp = init_tensor_parallel(args.rank, args.num_shard, init, device)
-        runner = build_runner(
+        runner = model_thread.call(
+            build_runner,
             model_dir,
             dtype=dtype,
             device=device,
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         service = ShardService(runner, store)
-        server = serve(ShardServicer(service, info), args.listen)
+        server = serve(ShardServicer(service, info, model_thread), args.listen)
     except OSError as exc:
         fail("loraplex-shard", str(exc))
     log.info(

@@ -15,6 +15,7 @@ from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
 from shard.kv_cache import KVCacheFull
 from shard.lora.config import AdapterError
 from shard.lora.store import AdapterRecord
+from shard.model_thread import ModelThread, serial_torch_in_this_thread
 from shard.sampling import SamplingParams
 from shard.service import BatchError, Generation, NewRequest, ShardService
 
@@ -77,11 +78,13 @@ def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
 
 
 class ShardServicer(pb_grpc.ShardServicer):
-    """Thin: every method is conversion around one ``ShardService`` call."""
+    """Thin: every method is conversion around one ``ShardService`` call; calls that run the model go
+    through the model thread (``shard/model_thread.py``), adapter reads run here on one core."""
 
-    def __init__(self, service: ShardService, info: pb.InfoResponse) -> None:
+    def __init__(self, service: ShardService, info: pb.InfoResponse, model: ModelThread | None = None) -> None:
         self.service = service
         self.info = info
+        self.model = model or ModelThread()
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         return self.info
@@ -96,9 +99,9 @@ class ShardServicer(pb_grpc.ShardServicer):
         size, length = max(1, request.batch_size), max(1, request.input_length)
         reqs = [NewRequest(2**63 + i, [1] * length) for i in range(size)]
         with _status(context):
-            self.service.prefill(2**63, reqs)
-            self.service.decode([2**63])
-            self.service.clear(2**63)
+            self.model.call(self.service.prefill, 2**63, reqs)
+            self.model.call(self.service.decode, [2**63])
+            self.model.call(self.service.clear, 2**63)
         return pb.WarmupResponse()
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
@@ -107,7 +110,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             for r in request.batch.requests
         ]
         with _status(context):
-            gens = self.service.prefill(request.batch.id, reqs)
+            gens = self.model.call(self.service.prefill, request.batch.id, reqs)
         ids = [r.request_id for r in reqs]
         return pb.PrefillResponse(
             generations=[_generation(g) for g in gens], batch=pb.CachedBatch(id=request.batch.id, request_ids=ids)
@@ -115,7 +118,7 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
         with _status(context):
-            batch_id, gens = self.service.decode([b.id for b in request.batches])
+            batch_id, gens = self.model.call(self.service.decode, [b.id for b in request.batches])
         return pb.DecodeResponse(
             generations=[_generation(g) for g in gens],
             batch=pb.CachedBatch(id=batch_id, request_ids=[g.request_id for g in gens]),
@@ -123,15 +126,16 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def FilterBatch(self, request: pb.FilterBatchRequest, context: grpc.ServicerContext) -> pb.FilterBatchResponse:
         with _status(context):
-            kept = self.service.filter(request.batch_id, list(request.request_ids))
+            kept = self.model.call(self.service.filter, request.batch_id, list(request.request_ids))
         return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id, request_ids=kept))
 
     def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
-        self.service.clear(request.batch_id if request.HasField("batch_id") else None)
+        self.model.call(self.service.clear, request.batch_id if request.HasField("batch_id") else None)
         return pb.ClearCacheResponse()
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
         store = self.service.store
+        serial_torch_in_this_thread()  # conversions here must not start a second OpenMP team
         with _status(context):  # reads the disk without the model lock: batches keep running meanwhile
             store.load(request.id)
         return pb.LoadAdapterResponse(adapter=adapter_info(store.record(request.id)))
