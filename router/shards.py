@@ -25,9 +25,6 @@ class ShardClients:
         results = await asyncio.gather(*(call(s) for s in self.stubs))
         return results[0]
 
-    async def info(self, timeout: float = 5.0) -> pb.InfoResponse:
-        return await self.stubs[0].Info(pb.InfoRequest(), timeout=timeout)
-
     async def health(self, timeout: float = 5.0) -> pb.HealthResponse:
         return await self._all(lambda s: s.Health(pb.HealthRequest(), timeout=timeout))
 
@@ -62,9 +59,8 @@ class ShardClients:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            try:
-                await self.health(timeout=2.0)
-                infos = await asyncio.gather(*(s.Info(pb.InfoRequest(), timeout=5.0) for s in self.stubs))
+            try:  # a shard serves only once its model is loaded: every rank answering Info means ready
+                infos = await asyncio.gather(*(s.Info(pb.InfoRequest(), timeout=2.0) for s in self.stubs))
                 break
             except grpc.aio.AioRpcError:
                 if loop.time() > deadline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 
 import torch
 
@@ -14,6 +15,7 @@ _M_ARENA_MAX = -8
 _KEEP_BELOW = 1 << 30  # allocations under 1 GiB come from the heap, and the heap is not trimmed on its own
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libc.so.6")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch
 T = TypeVar("T")
 
 
+@functools.cache
 def _libgomp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch uses (its own copy when the wheel bundles one)."""
     bundled = Path(torch.__file__).parent / "lib" / "libgomp.so.1"

@@ -20,6 +20,8 @@ import pytest
 
 from loraplex.shard.v1 import shard_pb2 as shard_pb
 from loraplex.shard.v1 import shard_pb2_grpc as shard_grpc
+from loraplex.v1 import generate_pb2 as public_pb
+from loraplex.v1 import generate_pb2_grpc as public_grpc
 from tests.servers import Server, start_server
 
 LONG = ("--max-input-tokens", "100", "--max-total-tokens", "2000", "--drain-timeout", "60")
@@ -175,6 +177,10 @@ def test_a_restarted_shard_is_taken_back_without_restarting_the_router(server: S
     failed = httpx.post(server.url + "/generate", json=body, timeout=30)
     assert failed.status_code in (424, 503), failed.text  # an explicit error, not a hang
     assert httpx.get(server.url + "/health", timeout=10).status_code == 503
+    started = time.monotonic()
+    again_dead = httpx.post(server.url + "/generate", json=body, timeout=30)  # while no shard answers
+    assert again_dead.status_code == 424 and "not answering" in again_dead.json()["error"], again_dead.text
+    assert time.monotonic() - started < 10
 
     server.restart_shard(0)  # what compose's restart policy or the kubelet does with the shard container
     deadline = time.monotonic() + 60
@@ -183,6 +189,20 @@ def test_a_restarted_shard_is_taken_back_without_restarting_the_router(server: S
         time.sleep(0.5)
     again = httpx.post(server.url + "/generate", json=body, timeout=60)
     assert again.status_code == 200 and again.json() == solo.json()
+
+
+def _cancelled(server: Server) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    match = re.search(r'^loraplex_requests_total\{status="cancelled"\} (\S+)$', text, re.M)
+    return float(match[1]) if match else 0.0
+
+
+def _assert_freed_and_cancelled(server: Server, cancelled_before: float) -> None:
+    deadline = time.monotonic() + 10
+    while (health := _shard_health(server)).cached_requests or health.kv_blocks_used:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    assert _cancelled(server) == cancelled_before + 1  # cancelled, not generated to its end for nobody
 
 
 @pytest.mark.parametrize(
@@ -197,16 +217,17 @@ def test_a_restarted_shard_is_taken_back_without_restarting_the_router(server: S
 def test_a_client_that_hangs_up_on_a_plain_request_frees_its_slot(
     server: Server, route: str, body: dict[str, Any]
 ) -> None:
-    def cancelled() -> float:
-        text = httpx.get(server.url + "/metrics", timeout=10).text
-        match = re.search(r'^loraplex_requests_total\{status="cancelled"\} (\S+)$', text, re.M)
-        return float(match[1]) if match else 0.0
-
-    before = cancelled()
+    before = _cancelled(server)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(server.url + route, json=body, timeout=httpx.Timeout(60, read=1.0))
-    deadline = time.monotonic() + 10
-    while (health := _shard_health(server)).cached_requests or health.kv_blocks_used:
-        assert time.monotonic() < deadline, health
-        time.sleep(0.1)
-    assert cancelled() == before + 1  # cancelled, not generated to its end for nobody
+    _assert_freed_and_cancelled(server, before)
+
+
+def test_a_grpc_client_whose_deadline_passes_frees_its_slot(server: Server) -> None:
+    stub = public_grpc.TextGenerationStub(grpc.insecure_channel(server.grpc_address))
+    before = _cancelled(server)
+    request = public_pb.GenerateRequest(inputs="hello world", parameters=public_pb.Parameters(max_new_tokens=1500))
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Generate(request, timeout=1.0)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _assert_freed_and_cancelled(server, before)
