@@ -20,7 +20,7 @@ from shard.lora.config import AdapterError
 from shard.lora.roots import AdapterRoots
 from shard.lora.sources import parse_adapter_specs, resolve_adapter_source
 from shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
-from shard.model_thread import ModelThread, serial_torch_in_this_thread
+from shard.model_thread import ModelThread
 from shard.parallel import TensorParallel, init_tensor_parallel, rank_device
 from shard.runner import build_runner, parse_dtype
 from shard.server import ShardServicer, serve
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.rank < args.num_shard:
         fail("loraplex-shard", f"--rank {args.rank} is not in 0..{args.num_shard - 1}")
     device = rank_device(args.device, args.rank, args.num_shard)
-    model_thread = ModelThread()  # builds and runs the model; no other thread starts a parallel torch op
-    serial_torch_in_this_thread()  # this thread only preloads adapters
+    model_thread = ModelThread()  # builds the model, preloads adapters and runs every step: one OpenMP team
     try:
         model_dir = resolve_model_dir(args.model_id) if args.model_id else embedded_model_dir()
         dtype = parse_dtype(args.dtype, device)
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, source in specs:
             try:
-                store.load(name, resolve_adapter_source(source))
+                model_thread.call(store.load, name, resolve_adapter_source(source))
             except AdapterError as exc:
                 raise AdapterError(exc.kind, f"adapter {name!r}: {exc}") from exc
     except (CheckpointError, ModelConfigError, EmbeddedModelError, AdapterError, ValueError, OSError) as exc:
@@ -122,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         max_cpu_adapters=store.max_host,
     )
     try:
-        service = ShardService(runner, store)
-        server = serve(ShardServicer(service, info, model_thread), args.listen)
+        service = ShardService(runner, store, model_thread)
+        server = serve(ShardServicer(service, info), args.listen)
     except OSError as exc:
         fail("loraplex-shard", str(exc))
     log.info(

@@ -15,7 +15,6 @@ from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
 from shard.kv_cache import KVCacheFull
 from shard.lora.config import AdapterError
 from shard.lora.store import AdapterRecord
-from shard.model_thread import ModelThread, serial_torch_in_this_thread
 from shard.sampling import SamplingParams
 from shard.service import BatchError, Generation, NewRequest, ShardService
 
@@ -79,12 +78,12 @@ def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
 
 class ShardServicer(pb_grpc.ShardServicer):
     """Thin: every method is conversion around one ``ShardService`` call; calls that run the model go
-    through the model thread (``shard/model_thread.py``), adapter reads run here on one core."""
+    through the service's model thread (``shard/model_thread.py``)."""
 
-    def __init__(self, service: ShardService, info: pb.InfoResponse, model: ModelThread | None = None) -> None:
+    def __init__(self, service: ShardService, info: pb.InfoResponse) -> None:
         self.service = service
         self.info = info
-        self.model = model or ModelThread()
+        self.model = service.model
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         return self.info
@@ -135,8 +134,7 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
         store = self.service.store
-        serial_torch_in_this_thread()  # conversions here must not start a second OpenMP team
-        with _status(context):  # reads the disk without the model lock: batches keep running meanwhile
+        with _status(context):  # in pieces on the model thread, between steps: batches keep running meanwhile
             store.load(request.id)
         return pb.LoadAdapterResponse(adapter=adapter_info(store.record(request.id)))
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from shard.allocator import release_freed_memory
 from shard.lora.store import AdapterStore
+from shard.model_thread import ModelThread
 from shard.runner import ModelRunner, Sequence
 from shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,23 @@ class BatchError(ValueError):
 class ShardService:
     """Everything a shard does between gRPC and the model; one lock serialises model work."""
 
-    def __init__(self, runner: ModelRunner, store: AdapterStore) -> None:
+    def __init__(self, runner: ModelRunner, store: AdapterStore, model: ModelThread | None = None) -> None:
         self.runner = runner
         self.store = store
+        self.model = model or ModelThread()  # where the gRPC servicer runs model work
         self._batches: dict[int, list[_Entry]] = {}
         self.lock = threading.Lock()
-        store.pace = self.lock  # adapter loads run in pieces between model steps
+        store.pace = self._between_steps
+
+    def _between_steps(self, piece: Callable[[], T]) -> T:
+        """One piece of an adapter load: on the model thread and under the model lock, so it runs between
+        two forward steps with all cores, and never starts a second OpenMP team elsewhere."""
+
+        def locked() -> T:
+            with self.lock:
+                return piece()
+
+        return self.model.call(locked)
 
     def prefill(self, batch_id: int, requests: Seq[NewRequest]) -> list[Generation]:
         with self.lock:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import itertools
 import re
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -127,6 +128,14 @@ def _parse_keys(
     return found
 
 
+Pace = Callable[[Callable[[], Any]], Any]
+"""Runs one piece of an adapter load and returns its result (the shard: on the model thread, between steps)."""
+
+
+def _inline(piece: Callable[[], Any]) -> Any:
+    return piece()
+
+
 def load_adapter(
     adapter_id: str,
     directory: Path,
@@ -136,7 +145,7 @@ def load_adapter(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     tp: TensorParallel | None = None,
-    pace: AbstractContextManager[object] | None = None,
+    pace: Pace | None = None,
 ) -> LoraAdapter:
     """Read, validate and lay out one PEFT LoRA adapter; raises ``AdapterError`` naming the problem.
 
@@ -144,17 +153,16 @@ def load_adapter(
     base layer: B's output rows for column-parallel projections, A's input columns for row-parallel ones
     (the rank-r partial products then sum with the base layer's partial outputs in its all-reduce).
 
-    The work is done in pieces (the read, then one projection at a time), each inside ``pace``: given
-    the model lock, a load runs between forward steps, delaying each by one piece, instead of competing
-    with a step for the cores and stretching it by the whole load.
+    The work is done in pieces (the read, then one projection at a time), each run by ``pace``: the
+    shard runs them on its model thread between forward steps, delaying each by one piece, instead of
+    competing with a step for the cores and stretching it by the whole load.
     """
     tp = tp or TensorParallel()
-    pace = pace or contextlib.nullcontext()
+    run = pace or _inline
     if not directory.is_dir():
         raise AdapterError("not_found", f"adapter directory {directory.name!r} does not exist")
-    with pace:
-        lora = read_config(directory)
-        found = _parse_keys(_read_tensors(directory), config)
+    lora = read_config(directory)
+    found = run(lambda: _parse_keys(_read_tensors(directory), config))
     per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     weight_bytes = 0
     for (layer, proj), halves in sorted(found.items()):
@@ -171,8 +179,7 @@ def load_adapter(
         raise AdapterError("corrupt", "no LoRA weights fall in the layers named by layers_to_transform")
     projections = {}
     for proj, layers in per_proj.items():
-        with pace:
-            projections[proj] = _stack(layers, config, proj, dtype, device, tp)
+        projections[proj] = run(functools.partial(_stack, layers, config, proj, dtype, device, tp))
     return LoraAdapter(adapter_id, projections, weight_bytes, source=str(directory))
 
 

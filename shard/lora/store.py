@@ -5,14 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from shard.config import ModelConfig
-from shard.lora.adapter import LoraAdapter, load_adapter
+from shard.lora.adapter import LoraAdapter, Pace, load_adapter
 from shard.lora.config import AdapterError
 from shard.lora.roots import AdapterRoots
 from shard.parallel import TensorParallel
@@ -62,7 +61,7 @@ class AdapterStore:
         max_active: int = 64,
         max_host: int = 256,
         on_evict: Callable[[], None] | None = None,
-        pace: AbstractContextManager[object] | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self.tp = tp or TensorParallel()
         self.config = config  # the whole model's, not one rank's
@@ -73,7 +72,7 @@ class AdapterStore:
         self.max_active = max_active
         self.max_host = max_host
         self.on_evict = on_evict
-        self.pace = pace  # held around each piece of a load: the model lock, so loads fit between steps
+        self.pace = pace  # runs each piece of a load: on the model thread, so loads fit between steps
         self._records: dict[str, AdapterRecord] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""The model thread: one thread runs every job in order, errors reach the caller, other threads stay serial."""
+"""The model thread: one thread runs every job in order, errors reach the caller."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import threading
 from concurrent import futures
 
 import pytest
-import torch
 
-from shard.model_thread import ModelThread, serial_torch_in_this_thread
+from shard.model_thread import ModelThread
 
 
 def test_jobs_from_many_threads_run_on_one_thread_in_order() -> None:
@@ -33,24 +32,5 @@ def test_an_exception_reaches_the_caller_and_the_thread_keeps_serving() -> None:
         with pytest.raises(ValueError, match="bad batch"):
             model.call(lambda: (_ for _ in ()).throw(ValueError("bad batch")))
         assert model.call(lambda a, b: a + b, 2, b=3) == 5
-    finally:
-        model.stop()
-
-
-def test_a_serial_thread_runs_torch_on_one_core_and_leaves_the_others_alone() -> None:
-    out: dict[str, int] = {}
-
-    def reader() -> None:
-        serial_torch_in_this_thread()
-        out["reader"] = torch.get_num_threads()
-
-    t = threading.Thread(target=reader)
-    t.start()
-    t.join()
-    assert out["reader"] == 1
-    assert torch.get_num_threads() == max(1, torch.get_num_threads())  # this thread's count is untouched
-    model = ModelThread()
-    try:
-        assert model.call(torch.get_num_threads) == torch.get_num_threads()
     finally:
         model.stop()

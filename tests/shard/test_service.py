@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,12 @@ def test_a_failed_prefill_keeps_no_kv_block(service: ShardService) -> None:
     with pytest.raises(Exception, match="KV"):
         service.prefill(2, too_long)
     assert service.stats()[0] == used_before and service.stats()[2] == 0
+
+
+def test_adapter_loads_run_on_the_model_thread_under_the_model_lock(service: ShardService) -> None:
+    def where() -> tuple[str, bool]:
+        return threading.current_thread().name, service.lock.locked()
+
+    assert service.store.pace is not None
+    assert service.store.pace(where) == ("model", True)
+    assert not service.lock.locked()
