@@ -32,7 +32,10 @@ def keep_freed_memory() -> bool:
     (prefill 6 % faster for the base model, 20 % with 32 distinct rank-16 adapters, measured on the gRPC
     worker threads that run the model). One arena, because a thread's own arena grows in 64 MiB heaps,
     too small for a prefill's activations. The price: RSS stays at its high-water mark until
-    ``release_freed_memory`` runs (adapter unloads call it). Call it once, before the model is built.
+    ``release_freed_memory`` runs (adapter unloads call it), and the heap needs a few passes to settle:
+    torch's aligned allocations ask for slightly more than a block it freed, so the heap grows until freed
+    neighbours coalesce (8-11 rounds of one 64 MiB activation in tests/shard/test_allocator.py).
+    Call it once, before the model is built.
     Returns whether the policy could be applied.
     """
     libc = _libc()
