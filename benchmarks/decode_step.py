@@ -90,7 +90,7 @@ def main() -> int:
     }
     batches = {name: make_batch(runner, adapters, args.prompt_len, seed=7) for name, adapters in cases.items()}
     # One runner per case, so that each batch keeps its own cached LoRA plan.
-    runners = {name: ModelRunner(runner.model, runner.cache, lora_dtype) for name in cases}
+    runners = {name: ModelRunner(runner.model, runner.cache, decode_lora_dtype=lora_dtype) for name in cases}
     times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(args.steps + 2):
         for name in cases:  # interleaved, so that machine noise hits every case alike

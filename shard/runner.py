@@ -36,11 +36,19 @@ class Sequence:
 class ModelRunner:
     """Runs batches of sequences through the model; owns the KV cache and caches the LoRA plan."""
 
-    def __init__(self, model: CausalLM, cache: KVCache, lora_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: KVCache,
+        decode_lora_dtype: torch.dtype | None = None,
+        prefill_lora_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
-        # dtype of the per-batch LoRA stacks (None: the adapters' own); see docs/architecture.md.
-        self.lora_dtype = lora_dtype
+        # dtype of the per-batch LoRA stacks in decode and in prefill (None: the adapters' own); decode's
+        # one row per adapter is a batched GEMV, prefill's many rows a batched GEMM: see docs/architecture.md.
+        self.decode_lora_dtype = decode_lora_dtype
+        self.prefill_lora_dtype = prefill_lora_dtype
         self._plan_key: tuple[int, ...] | None = None
         self._plan: LoraPlan | None = None
 
@@ -137,7 +145,8 @@ class ModelRunner:
             return self._plan
         if cache:
             self.forget_plan()  # the old plan's weight copies go before the new ones are made, not after
-        plan = make_plan(row_adapters, self.model.config, self.lora_dtype, self.model.device)
+        dtype = self.decode_lora_dtype if cache else self.prefill_lora_dtype
+        plan = make_plan(row_adapters, self.model.config, dtype, self.model.device)
         if cache:
             self._plan_key, self._plan = key, plan
         return plan
@@ -188,6 +197,7 @@ def build_runner(
     model = CausalLM.load(directory, config, dtype, device, tp)
     local = model.config
     cache = KVCache(local, kv_blocks, block_size, num_kv_heads=local.num_kv_heads, dtype=dtype, device=device)
-    # PyTorch's CPU bfloat16 batched GEMV streams ~4x fewer bytes/s than float32 (measured on AMX
-    # hardware), so on the CPU LoRA runs in float32 whatever the base dtype.
-    return ModelRunner(model, cache, lora_dtype=torch.float32 if device == "cpu" else None)
+    # PyTorch's CPU bfloat16 batched GEMV streams 2-3x fewer bytes/s than float32 (measured on AMX
+    # hardware), so on the CPU decode's LoRA runs in float32 whatever the base dtype; prefill's batched
+    # GEMMs keep the adapters' dtype, where bfloat16 uses AMX (a third of float32's LoRA cost).
+    return ModelRunner(model, cache, decode_lora_dtype=torch.float32 if device == "cpu" else None)

@@ -105,7 +105,8 @@ def test_cuda_plan_matches_the_reference_plan_on_a_model(tmp_path: Path) -> None
     assert isinstance(make_plan(rows, runner.model.config, None, torch.device("cuda")), CudaLoraBatch)
 
     def logits(use_kernels: bool) -> torch.Tensor:
-        runner.lora_dtype = None if use_kernels else torch.float32  # float32 stacks: the reference plan
+        stacks = None if use_kernels else torch.float32  # float32 stacks: the reference plan
+        runner.decode_lora_dtype = runner.prefill_lora_dtype = stacks
         seqs = [Sequence(i, [3 + i, 7, 11, 2 * i + 1], a) for i, a in enumerate(rows)]
         out = runner.prefill(seqs, all_logits=True)
         for s in seqs:

@@ -21,14 +21,19 @@ def _logits(runner: ModelRunner, store: AdapterStore, names: list[str | None]) -
     return out
 
 
-@pytest.mark.parametrize("lora_dtype", [None, torch.float32])
-def test_bfloat16_model_with_either_stack_dtype_tracks_float32(tmp_path: Path, lora_dtype: torch.dtype | None) -> None:
+@pytest.mark.parametrize("lora_dtype", ["build_runner's", None, torch.float32])
+def test_bfloat16_model_with_either_stack_dtype_tracks_float32(
+    tmp_path: Path, lora_dtype: str | torch.dtype | None
+) -> None:
     base = tiny_model(tmp_path / "base", "qwen2")
     make_adapter(base, tmp_path / "a", r=8, lora_alpha=16, target_modules="all-linear")
     make_adapter(base, tmp_path / "b", seed=1, r=2, lora_alpha=4, target_modules=["v_proj"])
     f32 = build_runner(tmp_path / "base", kv_blocks=32, block_size=4)
     bf16 = build_runner(tmp_path / "base", dtype=torch.bfloat16, kv_blocks=32, block_size=4)
-    bf16.lora_dtype = lora_dtype
+    if not isinstance(lora_dtype, str):
+        bf16.decode_lora_dtype = bf16.prefill_lora_dtype = lora_dtype
+    else:  # on the CPU: float32 stacks in decode, the adapters' bfloat16 in prefill
+        assert (bf16.decode_lora_dtype, bf16.prefill_lora_dtype) == (torch.float32, None)
     stores = {}
     for name, runner in (("f32", f32), ("bf16", bf16)):
         stores[name] = AdapterStore(runner.model.config, dtype=runner.model.dtype)
