@@ -32,11 +32,12 @@ class Floor:
         return self.base_seconds + self.adapter_bytes / self.bandwidth
 
 
-def adapter_bytes_read(rows: float, bytes_per_adapter: float) -> float:
+def adapter_bytes_read(rows: float, prefill_rows: float, numel: int, prefill_itemsize: int) -> float:
     """Adapter bytes a pass reads when every row of every forward step has its own adapter.
 
-    ``rows`` is the sum of the batch sizes of all prefill and decode steps (``loraplex_batch_size_sum``): each
-    row's adapter is read once per step. On the CPU the per-batch LoRA stacks are float32 whatever the base
-    dtype, so ``bytes_per_adapter`` counts 4 bytes per element.
+    ``rows`` is the sum of the batch sizes of all prefill and decode steps (``loraplex_batch_size_sum``,
+    one row per sequence): each row's adapter (``numel`` elements of A and B) is read once per step. On the
+    CPU decode's LoRA stacks are float32 whatever the base dtype (4 bytes an element) and prefill's keep
+    the adapters' dtype (``prefill_itemsize``); ``prefill_rows`` of the rows are prefill's.
     """
-    return rows * bytes_per_adapter
+    return (rows - prefill_rows) * 4 * numel + prefill_rows * prefill_itemsize * numel

@@ -110,9 +110,11 @@ def run_dtype(config: SuiteConfig, dtype: str, root: Path) -> dict[str, Any]:
     for s in baseline:
         summaries[s.system] = s
     bandwidth = read_bandwidth()
-    per_adapter = 4.0 * adapter_numel(c.model_dir, c.heavy_rank, ALL_PROJECTIONS)
+    numel = adapter_numel(c.model_dir, c.heavy_rank, ALL_PROJECTIONS)
+    per_adapter = 4.0 * numel  # in a decode step's float32 stacks
     rows = metrics["heavy"].get("loraplex_batch_size_sum", float(n * (c.max_new_tokens + 1)))
-    floor = Floor(summaries["base"].seconds, adapter_bytes_read(rows, per_adapter), bandwidth)
+    itemsize = 2 if dtype == "bfloat16" else 4
+    floor = Floor(summaries["base"].seconds, adapter_bytes_read(rows, n, numel, itemsize), bandwidth)
     targets = evaluate_targets(summaries, floor)
     curves = cost_curves(summaries, n, c.few_adapters, c.many_adapters)
     ordered = [summaries[k] for k in summaries]
