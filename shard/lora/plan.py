@@ -114,8 +114,15 @@ class LoraBatch:
         dtype = dtype or like.dtype
         if len(members) == 1:
             return LoraBatch._views(layout, members[0], present, offsets, dtype)
-        a = like.new_zeros(num_layers, chunks, in_features, sum(ranks.values()), dtype=dtype)
-        bs = {p: like.new_zeros(num_layers, chunks, ranks[p], sample[p].b.shape[-1], dtype=dtype) for p in present}
+        # Every element is written below unless some member lacks a projection or has a smaller rank:
+        # only then do the stacks need zeros (filling 100+ MB of zeros is a quarter of a rebuild).
+        padded = any(p not in m.projections or m.projections[p].rank < ranks[p] for m in members for p in present)
+        alloc = torch.zeros if padded else torch.empty
+        a = alloc(num_layers, chunks, in_features, sum(ranks.values()), dtype=dtype, device=like.device)
+        bs = {
+            p: alloc(num_layers, chunks, ranks[p], sample[p].b.shape[-1], dtype=dtype, device=like.device)
+            for p in present
+        }
         for chunk, key in enumerate(layout.chunk_keys):
             weights = members[key].projections
             col = 0

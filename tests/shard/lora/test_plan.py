@@ -109,3 +109,39 @@ def test_decode_batch_of_ordered_unequal_segments_equals_solo_runs(tmp_path: Pat
     together = decode_logits([0, 1, 2])
     for i in range(3):
         torch.testing.assert_close(together[i], decode_logits([i])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_stacks_left_uninitialised_are_fully_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stacks skip zero-filling when no member needs padding: poison what torch.empty returns, and the
+    # deltas must equal those of stacks built from zeros, with and without padding in one group.
+    base = tiny_model(tmp_path / "base", "llama")
+    make_adapter(base, tmp_path / "a", r=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    make_adapter(base, tmp_path / "b", seed=1, r=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    make_adapter(base, tmp_path / "c", seed=2, r=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    runner = build_runner(tmp_path / "base", kv_blocks=8, block_size=4)
+    config = runner.model.config
+    store = AdapterStore(config, dtype=torch.float32)
+    a, b, c = (store.load(n, tmp_path / n) for n in "abc")
+    torch.manual_seed(0)
+    x = {"qkv": torch.randn(4, config.hidden_size), "down": torch.randn(4, config.intermediate_size)}
+    width = {"qkv": config.q_size + 2 * config.kv_size, "down": config.hidden_size}
+
+    def deltas(rows: list, empty: object) -> dict[str, torch.Tensor]:
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", empty)
+            plan = LoraBatch(rows, config)
+        out = {}
+        for site in ("qkv", "down"):
+            y = torch.zeros(4, width[site])
+            plan.apply(site, 1, x[site], y)
+            out[site] = y
+        return out
+
+    def poisoned(*shape: int, **kw: object) -> torch.Tensor:
+        return torch.full(shape, float("nan"), **kw)  # type: ignore[arg-type]
+
+    for rows in ([b, c, b, c], [a, b, c, a]):  # equal ranks everywhere; a's rank 3 and missing k_proj
+        got, want = deltas(rows, poisoned), deltas(rows, torch.zeros)
+        for site in got:
+            assert torch.isfinite(got[site]).all() and torch.equal(got[site], want[site])
+            assert got[site].abs().sum() > 0
