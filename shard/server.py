@@ -77,13 +77,11 @@ def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
 
 
 class ShardServicer(pb_grpc.ShardServicer):
-    """Thin: every method is conversion around one ``ShardService`` call; calls that run the model go
-    through the service's model thread (``shard/model_thread.py``)."""
+    """Thin: every method is conversion around one ``ShardService`` call."""
 
     def __init__(self, service: ShardService, info: pb.InfoResponse) -> None:
         self.service = service
         self.info = info
-        self.model = service.model
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         return self.info
@@ -98,9 +96,9 @@ class ShardServicer(pb_grpc.ShardServicer):
         size, length = max(1, request.batch_size), max(1, request.input_length)
         reqs = [NewRequest(2**63 + i, [1] * length) for i in range(size)]
         with _status(context):
-            self.model.call(self.service.prefill, 2**63, reqs)
-            self.model.call(self.service.decode, [2**63])
-            self.model.call(self.service.clear, 2**63)
+            self.service.prefill(2**63, reqs)
+            self.service.decode([2**63])
+            self.service.clear(2**63)
         return pb.WarmupResponse()
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
@@ -109,7 +107,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             for r in request.batch.requests
         ]
         with _status(context):
-            gens = self.model.call(self.service.prefill, request.batch.id, reqs)
+            gens = self.service.prefill(request.batch.id, reqs)
         ids = [r.request_id for r in reqs]
         return pb.PrefillResponse(
             generations=[_generation(g) for g in gens], batch=pb.CachedBatch(id=request.batch.id, request_ids=ids)
@@ -117,7 +115,7 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
         with _status(context):
-            batch_id, gens = self.model.call(self.service.decode, [b.id for b in request.batches])
+            batch_id, gens = self.service.decode([b.id for b in request.batches])
         return pb.DecodeResponse(
             generations=[_generation(g) for g in gens],
             batch=pb.CachedBatch(id=batch_id, request_ids=[g.request_id for g in gens]),
@@ -125,11 +123,11 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def FilterBatch(self, request: pb.FilterBatchRequest, context: grpc.ServicerContext) -> pb.FilterBatchResponse:
         with _status(context):
-            kept = self.model.call(self.service.filter, request.batch_id, list(request.request_ids))
+            kept = self.service.filter(request.batch_id, list(request.request_ids))
         return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id, request_ids=kept))
 
     def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
-        self.model.call(self.service.clear, request.batch_id if request.HasField("batch_id") else None)
+        self.service.clear(request.batch_id if request.HasField("batch_id") else None)
         return pb.ClearCacheResponse()
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 
@@ -17,6 +18,7 @@ from shard.runner import ModelRunner, Sequence
 from shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,24 @@ class BatchError(ValueError):
     """A call names a batch or request the shard does not hold."""
 
 
+def _on_model_thread(method: Callable[Concatenate[ShardService, P], T]) -> Callable[Concatenate[ShardService, P], T]:
+    """The method runs on the service's model thread, whichever thread calls it (``shard/model_thread.py``)."""
+
+    @functools.wraps(method)
+    def run(self: ShardService, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.model.call(method, self, *args, **kwargs)
+
+    return run
+
+
 class ShardService:
-    """Everything a shard does between gRPC and the model; one lock serialises model work."""
+    """Everything a shard does between gRPC and the model; one lock serialises model work, and all of it
+    (steps, batch changes, adapter-load pieces) runs on one model thread."""
 
     def __init__(self, runner: ModelRunner, store: AdapterStore, model: ModelThread | None = None) -> None:
         self.runner = runner
         self.store = store
-        self.model = model or ModelThread()  # where the gRPC servicer runs model work
+        self.model = model or ModelThread()
         self._batches: dict[int, list[_Entry]] = {}
         self.lock = threading.Lock()
         store.pace = self._between_steps
@@ -67,6 +80,7 @@ class ShardService:
 
         return self.model.call(locked)
 
+    @_on_model_thread
     def prefill(self, batch_id: int, requests: Seq[NewRequest]) -> list[Generation]:
         with self.lock:
             if batch_id in self._batches:
@@ -97,6 +111,7 @@ class ShardService:
             self.store.count_requests(named)
             return [Generation(g.request_id, g.choice, details[i]) if details[i] else g for i, g in enumerate(gens)]
 
+    @_on_model_thread
     def decode(self, batch_ids: Seq[int]) -> tuple[int, list[Generation]]:
         """Concatenate the batches (into the first id) and run one token of each request."""
         with self.lock:
@@ -112,6 +127,7 @@ class ShardService:
             logits = self.runner.decode([e.seq for e in entries])
             return first, self._choose(entries, logits)
 
+    @_on_model_thread
     def filter(self, batch_id: int, keep: Seq[int]) -> list[int]:
         """Keep only ``keep`` in the batch; everyone else's KV blocks are freed now."""
         with self.lock:
@@ -130,6 +146,7 @@ class ShardService:
                 del self._batches[batch_id]
             return [e.seq.request_id for e in kept]
 
+    @_on_model_thread
     def clear(self, batch_id: int | None = None) -> None:
         with self.lock:
             ids = list(self._batches) if batch_id is None else [batch_id]

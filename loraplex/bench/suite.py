@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loraplex.bench.adapters import ALL_PROJECTIONS, ATTENTION, AdapterSpec, adapter_numel, ensure_adapters
 from loraplex.bench.driver import LoadShape
 from loraplex.bench.floor import Floor, adapter_bytes_read, read_bandwidth
@@ -113,7 +115,7 @@ def run_dtype(config: SuiteConfig, dtype: str, root: Path) -> dict[str, Any]:
     numel = adapter_numel(c.model_dir, c.heavy_rank, ALL_PROJECTIONS)
     per_adapter = 4.0 * numel  # in a decode step's float32 stacks
     rows = metrics["heavy"].get("loraplex_batch_size_sum", float(n * (c.max_new_tokens + 1)))
-    itemsize = 2 if dtype == "bfloat16" else 4
+    itemsize = getattr(torch, dtype).itemsize
     floor = Floor(summaries["base"].seconds, adapter_bytes_read(rows, n, numel, itemsize), bandwidth)
     targets = evaluate_targets(summaries, floor)
     curves = cost_curves(summaries, n, c.few_adapters, c.many_adapters)

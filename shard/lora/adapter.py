@@ -197,10 +197,10 @@ def _pieces(per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, floa
     a time.
     """
     pieces: list[list[str]] = []
-    size = PIECE_BYTES
+    size = 0
     for proj, layers in per_proj.items():
         nbytes = sum(a.nbytes + b.nbytes for a, b, _ in layers.values())
-        if size + nbytes > PIECE_BYTES:
+        if not pieces or size + nbytes > PIECE_BYTES:
             pieces.append([])
             size = 0
         pieces[-1].append(proj)

@@ -48,3 +48,17 @@ def test_adapter_loads_run_on_the_model_thread_under_the_model_lock(service: Sha
     assert service.store.pace is not None
     assert service.store.pace(where) == ("model", True)
     assert not service.lock.locked()
+
+
+def test_steps_run_on_the_model_thread_whoever_calls(service: ShardService, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    step = service.runner.prefill
+
+    def prefill(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(threading.current_thread().name)
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.runner, "prefill", prefill)
+    service.prefill(1, [NewRequest(1, [1, 2, 3])])
+    service.clear(1)
+    assert seen == ["model"]
