@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from loraplex import __version__
 from router.admin_api import admin_routes
+from router.auth import Authenticate, refusal
 from router.body_limit import BodyLimit
 from router.http_api import tgi_routes
 from router.openai_api import OpenAIError, openai_routes
 from router.service import ApiError, RouterService
-from router.tenancy import is_admin
-
-# Probes and scrapers carry no key.
-_OPEN_PATHS = ("/health", "/metrics")
-
-
-def _refusal(path: str, status: int, error_type: str, message: str) -> JSONResponse:
-    if path.startswith("/v1/"):
-        body = {"error": {"message": message, "type": error_type, "param": None, "code": error_type}}
-        return JSONResponse(body, status_code=status)
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
 
 
 def create_app(service: RouterService) -> FastAPI:
@@ -40,22 +30,6 @@ def create_app(service: RouterService) -> FastAPI:
             task.cancel()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        header = request.headers.get("authorization")
-        if path.startswith("/admin"):
-            if not service.settings.admin_token:
-                return _refusal(path, 403, "forbidden", "the admin API is off: start the router with --admin-token")
-            if not is_admin(header, service.settings.admin_token):
-                return _refusal(path, 401, "unauthorized", "the admin token is required (Authorization: Bearer)")
-        elif service.tenants is not None and path not in _OPEN_PATHS:
-            tenant = service.tenants.for_authorization(header)
-            if tenant is None:
-                return _refusal(path, 401, "unauthorized", "a valid API key is required (Authorization: Bearer)")
-            request.state.tenant = tenant
-        return await call_next(request)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -82,11 +56,12 @@ def create_app(service: RouterService) -> FastAPI:
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):
             # FastAPI's answer to a body its JSON parser gave up on (nested too deeply, for one): the same
             # 422 as any other malformed JSON.
-            return _refusal(request.url.path, 422, "validation", "malformed JSON: the body could not be parsed")
+            return refusal(request.url.path, 422, "validation", "malformed JSON: the body could not be parsed")
         return JSONResponse({"error": str(exc.detail), "error_type": "http"}, status_code=exc.status_code)
 
     app.include_router(tgi_routes(service))
     app.include_router(openai_routes(service))
     app.include_router(admin_routes(service))
+    app.add_middleware(Authenticate, settings=service.settings, tenants=service.tenants)
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
     return app

@@ -1,0 +1,98 @@
+"""The router's key check as a plain ASGI layer: who gets through, the refusals' shapes, streams left alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from router.auth import Authenticate
+from router.settings import RouterSettings
+from router.tenancy import Tenants
+
+KEY = "key-of-team-a-0123456789"
+ADMIN = "admin-token-0123456789"
+
+
+async def whoami(request: Request) -> JSONResponse:
+    tenant = getattr(request.state, "tenant", None)
+    return JSONResponse({"tenant": tenant.name if tenant else None})
+
+
+async def stream(request: Request) -> StreamingResponse:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(5):
+            yield f"data:{i}\n\n".encode()
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+def _client(tenants: Tenants | None, admin_token: str = "") -> httpx.AsyncClient:
+    routes = [Route(p, whoami) for p in ("/generate", "/v1/models", "/health", "/metrics", "/admin/adapters")]
+    inner = Starlette(routes=[*routes, Route("/generate_stream", stream)])
+    app = Authenticate(inner, RouterSettings(admin_token=admin_token), tenants)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+
+def _tenants() -> Tenants:
+    return Tenants.from_dict({"tenants": [{"name": "team-a", "keys": [KEY], "adapters": ["team-a/*"]}]})
+
+
+def test_keys_admit_their_tenant_and_refuse_everyone_else() -> None:
+    async def run() -> None:
+        async with _client(_tenants()) as c:
+            ok = await c.get("/generate", headers={"Authorization": f"Bearer {KEY}"})
+            assert ok.status_code == 200 and ok.json() == {"tenant": "team-a"}
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+                r = await c.get("/generate", headers=headers)
+                assert r.status_code == 401
+                assert r.json() == {
+                    "error": "a valid API key is required (Authorization: Bearer)",
+                    "error_type": "unauthorized",
+                }
+            openai = await c.get("/v1/models")
+            assert openai.status_code == 401 and openai.json()["error"]["type"] == "unauthorized"
+            for probe in ("/health", "/metrics"):  # probes and scrapers carry no key
+                r = await c.get(probe)
+                assert r.status_code == 200 and r.json() == {"tenant": None}
+
+    asyncio.run(run())
+
+
+def test_open_server_lets_everyone_in_without_a_tenant() -> None:
+    async def run() -> None:
+        async with _client(None) as c:
+            r = await c.get("/generate")
+            assert r.status_code == 200 and r.json() == {"tenant": None}
+
+    asyncio.run(run())
+
+
+def test_admin_paths_need_the_admin_token_and_are_off_without_one() -> None:
+    async def run() -> None:
+        async with _client(None) as c:
+            off = await c.get("/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"})
+            assert off.status_code == 403 and off.json()["error_type"] == "forbidden"
+        async with _client(_tenants(), admin_token=ADMIN) as c:
+            assert (await c.get("/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"})).status_code == 200
+            # A tenant's key is not the admin token, and the admin token is no tenant's key.
+            assert (await c.get("/admin/adapters", headers={"Authorization": f"Bearer {KEY}"})).status_code == 401
+            assert (await c.get("/generate", headers={"Authorization": f"Bearer {ADMIN}"})).status_code == 401
+
+    asyncio.run(run())
+
+
+def test_streamed_bodies_pass_through_whole() -> None:
+    async def run() -> None:
+        async with _client(_tenants()) as c:
+            r = await c.get("/generate_stream", headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200
+            assert r.text == "".join(f"data:{i}\n\n" for i in range(5))
+            assert r.headers["content-type"].startswith("text/event-stream")
+
+    asyncio.run(run())
