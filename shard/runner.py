@@ -197,7 +197,7 @@ def build_runner(
     model = CausalLM.load(directory, config, dtype, device, tp)
     local = model.config
     cache = KVCache(local, kv_blocks, block_size, num_kv_heads=local.num_kv_heads, dtype=dtype, device=device)
-    # PyTorch's CPU bfloat16 batched GEMV streams 2-3x fewer bytes/s than float32 (measured on AMX
-    # hardware), so on the CPU decode's LoRA runs in float32 whatever the base dtype; prefill's batched
-    # GEMMs keep the adapters' dtype, where bfloat16 uses AMX (a third of float32's LoRA cost).
+    # PyTorch's CPU bfloat16 batched GEMV streams 2-3x fewer bytes/s than float32 (measured on an AVX-512
+    # BF16 CPU), so on the CPU decode's LoRA runs in float32 whatever the base dtype; prefill's batched
+    # GEMMs keep the adapters' dtype, where bfloat16 uses BF16 dot products (a third of float32's LoRA cost).
     return ModelRunner(model, cache, decode_lora_dtype=torch.float32 if device == "cpu" else None)
