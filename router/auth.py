@@ -39,7 +39,8 @@ class Authenticate:
             await self.app(scope, receive, send)
             return
         path = str(scope.get("path", ""))
-        raw = dict(scope.get("headers") or []).get(b"authorization")
+        # The first Authorization header, as Starlette's ``request.headers`` would give it.
+        raw = next((value for name, value in scope.get("headers") or [] if name == b"authorization"), None)
         header = raw.decode("latin-1") if raw is not None else None
         refused = None
         if path.startswith("/admin"):

@@ -55,6 +55,10 @@ def test_keys_admit_their_tenant_and_refuse_everyone_else() -> None:
                     "error": "a valid API key is required (Authorization: Bearer)",
                     "error_type": "unauthorized",
                 }
+            # Two Authorization headers: the first one counts, as with Starlette's request.headers.
+            first_good = await c.get("/generate", headers=[("Authorization", f"Bearer {KEY}"), ("Authorization", "x")])
+            first_bad = await c.get("/generate", headers=[("Authorization", "x"), ("Authorization", f"Bearer {KEY}")])
+            assert (first_good.status_code, first_bad.status_code) == (200, 401)
             openai = await c.get("/v1/models")
             assert openai.status_code == 401 and openai.json()["error"]["type"] == "unauthorized"
             for probe in ("/health", "/metrics"):  # probes and scrapers carry no key
