@@ -1,5 +1,6 @@
-"""Where a served decode step's time goes: CPU seconds of router, shard and client per step, and the served
-inter-token latency against the same decode step run in process (no router, no gRPC, no HTTP).
+"""Where a served pass's time goes: CPU seconds of router, shard and client per step, the served inter-token
+latency against the same decode step run in process, and the whole served pass against the same prompts
+run in process on the router's schedule (prefill chunks, then decode; no router, no gRPC, no HTTP).
 
 Run: ``.venv/bin/python benchmarks/serving_overhead.py [--dtype bfloat16] [--json out.json]``
 """
@@ -10,6 +11,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,9 @@ from loraplex.bench.driver import LoadShape
 from loraplex.bench.run import Target, screened_prompts, serve
 from loraplex.bench.server import LaunchedServer
 from loraplex.bench.workload import PromptMaker, build_requests
+from router.settings import RouterSettings
 from shard.embedded import embedded_model_dir
-from shard.runner import build_runner, parse_dtype
+from shard.runner import ModelRunner, Sequence, build_runner, parse_dtype
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -38,6 +41,25 @@ def _roles(launcher_pid: int) -> dict[str, psutil.Process]:
         cmd = " ".join(child.cmdline())
         out["router" if "router" in cmd else "shard"] = child
     return out
+
+
+def in_process_pass(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, chunk_tokens: int) -> float:
+    """Seconds for the served pass's work in process: prefill in chunks of at most ``chunk_tokens`` prompt
+    tokens (the router's ``--max-batch-prefill-tokens``), then greedy decode of the whole batch."""
+    seqs = [Sequence(i, list(ids), None) for i, ids in enumerate(prompts)]
+    per_chunk = max(1, chunk_tokens // max(len(p) for p in prompts))
+    start = time.perf_counter()
+    for first in range(0, len(seqs), per_chunk):
+        part = seqs[first : first + per_chunk]
+        for s, token in zip(part, runner.prefill(part).argmax(-1).tolist(), strict=True):
+            s.token_ids.append(token)
+    for _ in range(new_tokens - 1):
+        for s, token in zip(seqs, runner.decode(seqs).argmax(-1).tolist(), strict=True):
+            s.token_ids.append(token)
+    elapsed = time.perf_counter() - start
+    for s in seqs:
+        runner.release(s)
+    return elapsed
 
 
 def main() -> int:
@@ -63,18 +85,26 @@ def main() -> int:
     steps = p.metrics["loraplex_batch_size_count"]
     cpu = {name: after[name] - before[name] for name in before}
     # The same decode step in process: a batch of the same shape, median of 8 steps.
-    tokens = args.batch * (args.prompt_len + 16)
+    tokens = args.batch * (args.prompt_len + args.new_tokens + 16)
     runner = build_runner(
         model_dir, dtype=parse_dtype(args.dtype, "cpu"), kv_blocks=2 * (tokens // 16 + args.batch), block_size=16
     )
     seqs = make_batch(runner, [None] * args.batch, args.prompt_len, seed=3)
     times = [step(runner, seqs) for _ in range(10)][2:]
     in_process = statistics.median(times)
+    for s in seqs:
+        runner.release(s)
+    chunk = RouterSettings().max_batch_prefill_tokens
+    ids = [list(p.ids) for p in prompts]
+    in_process_pass(runner, ids[:2], 2, chunk)  # warm-up
+    pass_seconds = in_process_pass(runner, ids, args.new_tokens, chunk)
     served_itl = p.summary.itl_p50
     result: dict[str, Any] = {
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "seconds": round(p.summary.seconds, 2),
+        "in_process_pass_seconds": round(pass_seconds, 2),
+        "served_over_in_process": round(p.summary.seconds / pass_seconds, 3),
         "forward_steps": steps,
         "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
         "cpu_ms_per_step": {k: round(1e3 * v / steps, 1) for k, v in cpu.items()},
