@@ -27,7 +27,7 @@ from loraplex.bench.server import LaunchedServer
 from loraplex.bench.workload import PromptMaker, build_requests
 from router.settings import RouterSettings
 from shard.embedded import embedded_model_dir
-from shard.runner import ModelRunner, Sequence, build_runner, parse_dtype
+from shard.runner import build_runner, parse_dtype
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -41,25 +41,6 @@ def _roles(launcher_pid: int) -> dict[str, psutil.Process]:
         cmd = " ".join(child.cmdline())
         out["router" if "router" in cmd else "shard"] = child
     return out
-
-
-def in_process_pass(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, chunk_tokens: int) -> float:
-    """Seconds for the served pass's work in process: prefill in chunks of at most ``chunk_tokens`` prompt
-    tokens (the router's ``--max-batch-prefill-tokens``), then greedy decode of the whole batch."""
-    seqs = [Sequence(i, list(ids), None) for i, ids in enumerate(prompts)]
-    per_chunk = max(1, chunk_tokens // max(len(p) for p in prompts))
-    start = time.perf_counter()
-    for first in range(0, len(seqs), per_chunk):
-        part = seqs[first : first + per_chunk]
-        for s, token in zip(part, runner.prefill(part).argmax(-1).tolist(), strict=True):
-            s.token_ids.append(token)
-    for _ in range(new_tokens - 1):
-        for s, token in zip(seqs, runner.decode(seqs).argmax(-1).tolist(), strict=True):
-            s.token_ids.append(token)
-    elapsed = time.perf_counter() - start
-    for s in seqs:
-        runner.release(s)
-    return elapsed
 
 
 def main() -> int:
@@ -94,10 +75,13 @@ def main() -> int:
     in_process = statistics.median(times)
     for s in seqs:
         runner.release(s)
-    chunk = RouterSettings().max_batch_prefill_tokens
-    ids = [list(p.ids) for p in prompts]
-    in_process_pass(runner, ids[:2], 2, chunk)  # warm-up
-    pass_seconds = in_process_pass(runner, ids, args.new_tokens, chunk)
+    # The served pass's work in process: prefill in chunks of the router's default token budget, then decode.
+    per_prefill = max(1, RouterSettings().max_batch_prefill_tokens // args.prompt_len)
+    requests = [(list(p.ids), None) for p in prompts]
+    runner.generate_greedy(requests[:2], 2)  # warm-up
+    start = time.perf_counter()
+    runner.generate_greedy(requests, args.new_tokens, prefill_batch=per_prefill)
+    pass_seconds = time.perf_counter() - start
     served_itl = p.summary.itl_p50
     result: dict[str, Any] = {
         "dtype": args.dtype,

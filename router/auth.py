@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.body_limit import ASGIApp, Receive, Scope, Send
 from router.settings import RouterSettings
 from router.tenancy import Tenants, is_admin
 

@@ -156,12 +156,20 @@ class ModelRunner:
         self._plan_key, self._plan = None, None
 
     def generate_greedy(
-        self, requests: Seq[tuple[list[int], LoraAdapter | None]], max_new_tokens: int
+        self,
+        requests: Seq[tuple[list[int], LoraAdapter | None]],
+        max_new_tokens: int,
+        prefill_batch: int | None = None,
     ) -> list[list[int]]:
-        """Greedy continuation of every request in one batch (no stop condition but the length)."""
+        """Greedy continuation of every request in one decode batch (no stop condition but the length).
+
+        Prefill takes ``prefill_batch`` requests a call (all of them when None), as the router's prefill
+        token budget splits a burst of arrivals.
+        """
         seqs = [Sequence(i, list(ids), adapter) for i, (ids, adapter) in enumerate(requests)]
+        size = prefill_batch or len(seqs)
         try:
-            logits = self.prefill(seqs)
+            logits = torch.cat([self.prefill(seqs[i : i + size]) for i in range(0, len(seqs), size)])
             for step in range(max_new_tokens):
                 for s, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
                     s.token_ids.append(token)

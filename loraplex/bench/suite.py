@@ -113,9 +113,9 @@ def run_dtype(config: SuiteConfig, dtype: str, root: Path) -> dict[str, Any]:
         summaries[s.system] = s
     bandwidth = read_bandwidth()
     numel = adapter_numel(c.model_dir, c.heavy_rank, ALL_PROJECTIONS)
-    per_adapter = 4.0 * numel  # in a decode step's float32 stacks
     rows = metrics["heavy"].get("loraplex_batch_size_sum", float(n * (c.max_new_tokens + 1)))
     itemsize = getattr(torch, dtype).itemsize
+    per_adapter = adapter_bytes_read(1, 0, numel, itemsize)  # what one decode row reads
     floor = Floor(summaries["base"].seconds, adapter_bytes_read(rows, n, numel, itemsize), bandwidth)
     targets = evaluate_targets(summaries, floor)
     curves = cost_curves(summaries, n, c.few_adapters, c.many_adapters)

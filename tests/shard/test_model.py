@@ -80,3 +80,21 @@ def test_bfloat16_runs_close_to_float32(tmp_path: Path) -> None:
     b = bf16.prefill([Sequence(0, ids)])
     assert b.dtype == torch.float32  # logits are always returned in float32
     assert rel_err(b, a) < 5e-2
+
+
+def test_prefill_in_several_calls_generates_the_same_tokens(tmp_path: Path) -> None:
+    tiny_model(tmp_path, "llama")
+    runner = build_runner(tmp_path, kv_blocks=32, block_size=4)
+    requests: list[tuple[list[int], None]] = [([1 + i, 5, 9, 2 + i], None) for i in range(5)]
+    whole = runner.generate_greedy(requests, 4)
+    sizes: list[int] = []
+    prefill = runner.prefill
+
+    def counted(seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+        sizes.append(len(seqs))
+        return prefill(seqs, all_logits)
+
+    runner.prefill = counted  # type: ignore[method-assign]
+    assert runner.generate_greedy(requests, 4, prefill_batch=2) == whole
+    assert sizes == [2, 2, 1]
+    assert runner.cache.allocator.num_used == 0
