@@ -53,9 +53,9 @@ def test_gather_returns_each_sequence_keys_in_token_order_from_scattered_blocks(
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     k, v = cache.gather(1, padded)
-    assert k.shape == (3, 2, width * 4, config.head_dim)
+    assert k.shape == (3, width * 4, 2, config.head_dim)
     for i, keys in enumerate(written):
         n = len(keys)
-        assert torch.equal(k[i, :, :n], keys.transpose(0, 1))
-        assert torch.equal(v[i, :, :n], -keys.transpose(0, 1))
+        assert torch.equal(k[i, :n], keys)
+        assert torch.equal(v[i, :n], -keys)
     assert torch.count_nonzero(cache.k[0]) == 0  # layer 0 untouched

@@ -1,0 +1,90 @@
+"""Decode attention: the CPU block-diagonal form against PyTorch's fused attention, and which one runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shard.attention import AttentionInput, attention, decode_block_diagonal
+from shard.config import ModelConfig
+from shard.kv_cache import KVCache
+
+
+def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float32 fused attention with every KV head repeated for its query heads."""
+    group = q.shape[1] // keys.shape[2]
+    k = keys.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    v = values.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask)
+    return out.squeeze(2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_block_diagonal_decode_matches_fused_attention(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    batch, length, dim = 5, 24, 16
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    keys = torch.randn(batch, length, kv_heads, dim, generator=gen).to(dtype)
+    values = torch.randn(batch, length, kv_heads, dim, generator=gen).to(dtype)
+    # Ragged lengths, and one row whose early keys fall outside a sliding window.
+    lens = torch.tensor([1, 7, 24, 13, 20])
+    pos = torch.arange(length)
+    mask = pos[None, :] < lens[:, None]
+    mask[4, :9] = False
+    mask = mask[:, None, None, :]
+    out = decode_block_diagonal(q, keys, values, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = _reference(q, keys, values, mask)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    # A masked key must not count: changing it changes nothing.
+    keys[4, 3] += 100
+    values[4, 3] -= 100
+    assert torch.equal(decode_block_diagonal(q, keys, values, mask), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_through_the_cache_matches_the_reference(dtype: torch.dtype) -> None:
+    config = ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=32,
+        hidden_size=48,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+    cache = KVCache(config, num_blocks=8, block_size=4, num_kv_heads=2, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    # Two sequences already hold 5 and 2 tokens; this step writes the 6th and 3rd.
+    tables = torch.tensor([[3, 6], [1, 0]])
+    history = [torch.randn(n, 2, 2, 8, generator=gen).to(dtype) for n in (5, 2)]
+    for table, kv in zip(tables, history, strict=True):
+        p = torch.arange(len(kv))
+        cache.write(0, table[p // 4], p % 4, kv[:, 0], kv[:, 1])
+    q = torch.randn(2, 6, 8, generator=gen).to(dtype)
+    k_new, v_new = torch.randn(2, 2, 2, 8, generator=gen).to(dtype).unbind(1)
+    mask = torch.arange(8)[None, :] <= torch.tensor([5, 2])[:, None]
+    meta = AttentionInput(
+        is_prefill=False,
+        positions=torch.tensor([5, 2]),
+        slot_blocks=torch.tensor([6, 1]),
+        slot_offsets=torch.tensor([1, 2]),
+        seq_lens=(1, 1),
+        max_position=5,
+        block_tables=tables,
+        key_mask=mask[:, None, None, :],
+    )
+    out = attention(q, k_new, v_new, 0, cache, meta)
+    assert out.shape == (2, 48)
+    for row, (kv, n) in enumerate(zip(history, (5, 2), strict=True)):
+        keys = torch.cat([kv[:, 0], k_new[row : row + 1]])[None]
+        values = torch.cat([kv[:, 1], v_new[row : row + 1]])[None]
+        ref = _reference(q[row : row + 1], keys, values, torch.ones(1, 1, 1, n + 1, dtype=torch.bool))
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out[row].float().view(6, 8), ref[0], atol=tol, rtol=tol)
