@@ -69,13 +69,26 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionI
 def _decode(q: torch.Tensor, layer: int, cache: KVCache, meta: AttentionInput) -> torch.Tensor:
     assert meta.block_tables is not None and meta.key_mask is not None
     keys, values = cache.gather(layer, meta.block_tables)  # [batch, keys, kv_heads, dim]
-    if q.device.type == "cpu" and q.dtype != torch.float32:
+    if block_diagonal_pays(q, keys.shape[2]):
         return decode_block_diagonal(q, keys, values, meta.key_mask)
     batch, kv_heads = keys.shape[0], keys.shape[2]
     # Query heads that share a KV head become that head's "query positions": no KV repetition needed.
     grouped = q.view(batch, kv_heads, q.shape[1] // kv_heads, q.shape[2])
     out = F.scaled_dot_product_attention(grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.key_mask)
     return out.reshape(batch, q.shape[1], q.shape[2])
+
+
+# Largest heads x kv_heads x head_dim for which the block-diagonal form beat CPU fused attention in bfloat16
+# (batch 64, 160 keys, 2026-11-29): 0.15-0.85x its time at eight shapes from SmolLM2-135M (9 x 3 x 64)
+# to 24 x 8 x 128, but 1.17x at Llama-8B's 32 x 8 x 128, where the wasted multiply-adds outgrow the copies.
+_BLOCK_DIAGONAL_MAX_WORK = 24 * 8 * 128
+
+
+def block_diagonal_pays(q: torch.Tensor, kv_heads: int) -> bool:
+    """Whether decode attention of ``q`` [B, heads, dim] should take the block-diagonal form (CPU, 16-bit)."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return False
+    return q.shape[1] * kv_heads * q.shape[2] <= _BLOCK_DIAGONAL_MAX_WORK
 
 
 def decode_block_diagonal(
@@ -87,9 +100,10 @@ def decode_block_diagonal(
     (one query per sequence), and a plain matmul wants each head's keys contiguous, which the blocks-first
     cache does not give. Instead each query is spread into a block-diagonal row over all heads' dims
     (zeros off its own KV head), so ``[B, heads, kv_heads*dim] @ [B, kv_heads*dim, keys]`` reads the
-    gathered keys in place; the 3x wasted multiply-adds cost less than the copies they avoid (0.29 ms a
-    layer). Softmax runs in float32 and the probabilities are cast back before the value matmul, as
-    transformers' eager attention does. In float32 the wasted work costs more than it saves: SDPA stays.
+    gathered keys in place; the kv_heads-fold multiply-adds (3x for SmolLM2) cost less than the copies
+    they avoid (0.29 ms a layer), up to the size ``block_diagonal_pays`` allows. Softmax runs in float32
+    and the probabilities are cast back before the value matmul, as transformers' eager attention does.
+    In float32 the wasted work costs more than it saves: fused attention stays.
     """
     batch, length, kv_heads, dim = keys.shape
     group = q.shape[1] // kv_heads

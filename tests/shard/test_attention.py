@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shard.attention import AttentionInput, attention, decode_block_diagonal
+from shard.attention import AttentionInput, attention, block_diagonal_pays, decode_block_diagonal
 from shard.config import ModelConfig
 from shard.kv_cache import KVCache
 
@@ -88,3 +88,21 @@ def test_decode_through_the_cache_matches_the_reference(dtype: torch.dtype) -> N
         ref = _reference(q[row : row + 1], keys, values, torch.ones(1, 1, 1, n + 1, dtype=torch.bool))
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out[row].float().view(6, 8), ref[0], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "dtype", "device", "expected"),
+    [
+        (9, 3, 64, torch.bfloat16, "cpu", True),  # SmolLM2-135M: 0.49x fused attention's time
+        (16, 16, 64, torch.float16, "cpu", True),  # multi-head: 0.15x
+        (24, 8, 128, torch.bfloat16, "cpu", True),  # the largest measured win: 0.78x
+        (32, 8, 128, torch.bfloat16, "cpu", False),  # Llama-8B: 1.17x, fused attention stays
+        (9, 3, 64, torch.float32, "cpu", False),  # float32: fused attention is faster
+        (9, 3, 64, torch.bfloat16, "meta", False),  # any accelerator keeps fused attention
+    ],
+)
+def test_block_diagonal_is_taken_where_it_was_measured_to_pay(
+    heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str, expected: bool
+) -> None:
+    q = torch.empty(2, heads, dim, dtype=dtype, device=device)
+    assert block_diagonal_pays(q, kv_heads) is expected
