@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from shard.config import ModelConfig
+
 TINY: dict[str, dict[str, Any]] = {
     "llama": dict(
         model_type="llama",
@@ -197,3 +199,19 @@ def write_raw_adapter(
 
     config = ModelConfig.from_dir(model_dir)
     return write_adapter(directory, config, rank, targets, seed, std=std)
+
+
+def attention_config(num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> ModelConfig:
+    """A Llama ``ModelConfig`` with just the attention shapes a KV-cache or attention test needs."""
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=32,
+        hidden_size=num_heads * head_dim,
+        intermediate_size=32,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )

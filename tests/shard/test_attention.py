@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from shard.attention import AttentionInput, attention, block_diagonal_pays, decode_block_diagonal
-from shard.config import ModelConfig
 from shard.kv_cache import KVCache
+from tests.factories import attention_config
 
 
 def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,18 +47,7 @@ def test_block_diagonal_decode_matches_fused_attention(heads: int, kv_heads: int
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_through_the_cache_matches_the_reference(dtype: torch.dtype) -> None:
-    config = ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=32,
-        hidden_size=48,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=6,
-        num_kv_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-    )
+    config = attention_config(num_layers=1, num_heads=6, num_kv_heads=2, head_dim=8)
     cache = KVCache(config, num_blocks=8, block_size=4, num_kv_heads=2, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     # Two sequences already hold 5 and 2 tokens; this step writes the 6th and 3rd.

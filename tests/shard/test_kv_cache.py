@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shard.config import ModelConfig
 from shard.kv_cache import BlockAllocator, KVCache, KVCacheFull
+from tests.factories import attention_config
 
 
 def test_allocator_grows_tables_frees_them_and_refuses_what_it_lacks() -> None:
@@ -25,18 +25,7 @@ def test_allocator_grows_tables_frees_them_and_refuses_what_it_lacks() -> None:
 
 
 def test_gather_returns_each_sequence_keys_in_token_order_from_scattered_blocks() -> None:
-    config = ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=4,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-    )
+    config = attention_config(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4)
     cache = KVCache(config, num_blocks=16, block_size=4, num_kv_heads=2, dtype=torch.float32)
     lengths = [7, 2, 12]
     # Interleave the allocations so that every sequence's blocks are scattered and out of order.
