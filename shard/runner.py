@@ -166,6 +166,10 @@ class ModelRunner:
         Prefill takes ``prefill_batch`` requests a call (all of them when None), as the router's prefill
         token budget splits a burst of arrivals.
         """
+        if not requests:
+            raise ValueError("generate_greedy needs at least one request")
+        if prefill_batch is not None and prefill_batch < 1:
+            raise ValueError(f"prefill_batch must be at least 1, not {prefill_batch}")
         seqs = [Sequence(i, list(ids), adapter) for i, (ids, adapter) in enumerate(requests)]
         size = prefill_batch or len(seqs)
         try:

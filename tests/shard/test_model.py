@@ -106,3 +106,9 @@ def test_prefill_in_several_calls_generates_the_same_tokens(tmp_path: Path) -> N
     assert runner.generate_greedy(requests, 4, prefill_batch=2) == whole
     assert sizes == [2, 2, 1]
     assert runner.cache.allocator.num_used == 0
+    # Bad inputs are named, and take no KV blocks.
+    with pytest.raises(ValueError, match="prefill_batch must be at least 1, not 0"):
+        runner.generate_greedy(requests, 4, prefill_batch=0)
+    with pytest.raises(ValueError, match="at least one request"):
+        runner.generate_greedy([], 4)
+    assert sizes == [2, 2, 1] and runner.cache.allocator.num_used == 0
