@@ -39,7 +39,7 @@ def keep_freed_memory() -> bool:
     Trimming is off altogether, not merely above some size: with a 1 GiB threshold, a decode batch of 64
     rank-16 all-projection adapters (1.25 GB of LoRA stacks) freed at the heap's top went back to the OS and
     was faulted in again at the next build, 150,000-200,000 faults and ~1 s on the model thread each time
-    (an in-process bfloat16 SmolLM2 pass of that workload 12.9 s with the threshold, 10.5 s without).
+    (an in-process bfloat16 SmolLM2 pass of that workload: 12.3-12.9 s with the threshold, 10.5-11.5 without).
     Call it once, before the model is built.
     Returns whether the policy could be applied.
     """
