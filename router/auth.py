@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.settings import RouterSettings
@@ -39,9 +40,7 @@ class Authenticate:
             await self.app(scope, receive, send)
             return
         path = str(scope.get("path", ""))
-        # The first Authorization header, as Starlette's ``request.headers`` would give it.
-        raw = next((value for name, value in scope.get("headers") or [] if name == b"authorization"), None)
-        header = raw.decode("latin-1") if raw is not None else None
+        header = Headers(scope=scope).get("authorization")  # the first one, as ``request.headers`` gives it
         refused = None
         if path.startswith("/admin"):
             if not self.settings.admin_token:

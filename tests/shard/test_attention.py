@@ -20,6 +20,11 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     return out.squeeze(2)
 
 
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    return {"atol": tol, "rtol": tol}
+
+
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_block_diagonal_decode_matches_fused_attention(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
@@ -37,8 +42,7 @@ def test_block_diagonal_decode_matches_fused_attention(heads: int, kv_heads: int
     out = decode_block_diagonal(q, keys, values, mask)
     assert out.shape == q.shape and out.dtype == dtype
     ref = _reference(q, keys, values, mask)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), ref, **_tolerance(dtype))
     # A masked key must not count: changing it changes nothing.
     keys[4, 3] += 100
     values[4, 3] -= 100
@@ -75,8 +79,7 @@ def test_decode_through_the_cache_matches_the_reference(dtype: torch.dtype) -> N
         keys = torch.cat([kv[:, 0], k_new[row : row + 1]])[None]
         values = torch.cat([kv[:, 1], v_new[row : row + 1]])[None]
         ref = _reference(q[row : row + 1], keys, values, torch.ones(1, 1, 1, n + 1, dtype=torch.bool))
-        tol = 1e-5 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(out[row].float().view(6, 8), ref[0], atol=tol, rtol=tol)
+        torch.testing.assert_close(out[row].float().view(6, 8), ref[0], **_tolerance(dtype))
 
 
 @pytest.mark.parametrize(
