@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 .PHONY: install run test test-fast test-deploy deploy-tools lint bench bench-decode demo-adapters clean
 
 PROTOS := $(shell find proto -name '*.proto')
-STUBS := loraplex/v1/generate_pb2.py loraplex/shard/v1/shard_pb2.py
+STUBS := loraplex/proto/v1/generate_pb2.py loraplex/proto/shard/v1/shard_pb2.py
 
 install: $(STAMP) $(STUBS)
 
@@ -35,8 +35,8 @@ run: install
 # The second mypy run types the deployment checks and the images' entry point (imports silent: other
 # tests' helpers are not typed strictly).
 lint: install
-	$(BIN)/ruff check shard kernels loraplex router tests benchmarks scripts docker
-	$(BIN)/ruff format --check shard kernels loraplex router tests benchmarks scripts docker
+	$(BIN)/ruff check loraplex router shard kernels tests benchmarks scripts docker
+	$(BIN)/ruff format --check loraplex router shard kernels tests benchmarks scripts docker
 	$(BIN)/mypy
 	$(BIN)/mypy --follow-imports=silent docker/entrypoint.py tests/deploy
 

@@ -30,8 +30,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loraplex.bench.adapters import ALL_PROJECTIONS, ATTENTION, write_adapter
-from shard.config import ModelConfig
-from shard.embedded import embedded_model_dir
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.embedded import embedded_model_dir
 
 ADMIN = "bench-admin-token"
 

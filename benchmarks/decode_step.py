@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loraplex.bench.adapters import ALL_PROJECTIONS, ATTENTION, write_adapter
 from loraplex.bench.floor import read_bandwidth
-from shard.embedded import embedded_model_dir
-from shard.lora.adapter import LoraAdapter
-from shard.lora.store import AdapterStore
-from shard.runner import ModelRunner, Sequence, build_runner, parse_dtype
+from loraplex.shard.embedded import embedded_model_dir
+from loraplex.shard.lora.adapter import LoraAdapter
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import ModelRunner, Sequence, build_runner, parse_dtype
 
 
 def make_batch(runner: ModelRunner, adapters: list[LoraAdapter | None], prompt_len: int, seed: int) -> list[Sequence]:

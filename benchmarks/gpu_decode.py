@@ -21,13 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.kernels_gpu import copy_bandwidth
-from kernels import cuda
-from shard.config import ModelConfig
-from shard.kv_cache import KVCache
-from shard.lora.adapter import LoraAdapter, ProjectionWeights
-from shard.lora.config import PROJECTIONS
-from shard.model import CausalLM
-from shard.runner import ModelRunner, Sequence
+from loraplex.kernels import cuda
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.kv_cache import KVCache
+from loraplex.shard.lora.adapter import LoraAdapter, ProjectionWeights
+from loraplex.shard.lora.config import PROJECTIONS
+from loraplex.shard.model import CausalLM
+from loraplex.shard.runner import ModelRunner, Sequence
 
 MISTRAL_7B = {
     "architectures": ["MistralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,

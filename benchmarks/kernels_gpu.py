@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import cuda
+from loraplex.kernels import cuda
 
 DTYPE = torch.bfloat16
 

@@ -25,9 +25,9 @@ from loraplex.bench.driver import LoadShape
 from loraplex.bench.run import Target, screened_prompts, serve
 from loraplex.bench.server import LaunchedServer
 from loraplex.bench.workload import PromptMaker, build_requests
-from router.settings import RouterSettings
-from shard.embedded import embedded_model_dir
-from shard.runner import build_runner, parse_dtype
+from loraplex.router.settings import RouterSettings
+from loraplex.shard.embedded import embedded_model_dir
+from loraplex.shard.runner import build_runner, parse_dtype
 
 
 def _cpu(proc: psutil.Process) -> float:

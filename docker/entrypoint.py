@@ -42,7 +42,7 @@ def command(script: str, module: str) -> list[str]:
 def setting_env_names() -> set[str]:
     """Environment twins of the launcher's and router's flags (the settings a deployment passes)."""
     from loraplex.launcher import parser as launcher_parser
-    from router.settings import router_parser
+    from loraplex.router.settings import router_parser
 
     return set(launcher_parser().env_names.values()) | set(router_parser().env_names.values())
 
@@ -97,7 +97,9 @@ def rank_commands(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[lis
             "--master-addr": MASTER_ADDR,
             "--master-port": master_port,
         }
-        commands.append([*command("loraplex-shard", "shard.main"), *(t for kv in flags.items() for t in kv), *extra])
+        commands.append(
+            [*command("loraplex-shard", "loraplex.shard.main"), *(t for kv in flags.items() for t in kv), *extra]
+        )
     return commands
 
 
@@ -128,7 +130,10 @@ def run_shards(env: Mapping[str, str], extra: Sequence[str]) -> int:
     if not env.get("MODEL_ID"):
         # Convert the embedded model once, before N ranks would each try to (conversion needs ~1 GB of RAM).
         converted = subprocess.run(
-            command("loraplex-convert-embedded", "shard.embedded"), env=env, stdout=subprocess.DEVNULL, check=False
+            command("loraplex-convert-embedded", "loraplex.shard.embedded"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            check=False,
         )
         if converted.returncode != 0:
             return converted.returncode
@@ -166,7 +171,7 @@ def run_router(env: Mapping[str, str], extra: Sequence[str]) -> int:
         router_env = router_environment(env)
     except ValueError as exc:
         return _fail(str(exc))
-    argv = [*command("loraplex-router", "router.main"), *extra]
+    argv = [*command("loraplex-router", "loraplex.router.main"), *extra]
     os.execve(argv[0], argv, router_env)
     return 1  # not reached: execve replaces this process
 
@@ -185,7 +190,7 @@ def shards_healthy(env: Mapping[str, str], timeout: float = 5.0) -> bool:
     """Every rank answers the shard service's Health call (the probe runs where the sockets are)."""
     import grpc
 
-    from loraplex.shard.v1 import shard_pb2, shard_pb2_grpc
+    from loraplex.proto.shard.v1 import shard_pb2, shard_pb2_grpc
 
     for address in shard_addresses(env):
         with grpc.insecure_channel(address) as channel:

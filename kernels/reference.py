@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.segments import SegmentLayout
+from loraplex.kernels.segments import SegmentLayout
 
 
 def gather_rows(x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:

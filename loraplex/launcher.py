@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from loraplex.flags import FlagParser, fail
-from router.settings import add_serving_flags
+from loraplex.common.flags import FlagParser, fail
+from loraplex.router.settings import add_serving_flags
 
 GRACE_SECONDS = 30.0
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         master_port = str(_free_port())  # where the ranks meet for torch.distributed
         for rank, sock in enumerate(sockets):
             cmd = [
-                *_command("loraplex-shard", "shard.main"),
+                *_command("loraplex-shard", "loraplex.shard.main"),
                 "--listen",
                 sock,
                 "--rank",
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json_output:
                 cmd.append("--json-output")
             shards.append(subprocess.Popen(cmd))
-        router_cmd = [*_command("loraplex-router", "router.main"), "--shard-uds", ",".join(sockets)]
+        router_cmd = [*_command("loraplex-router", "loraplex.router.main"), "--shard-uds", ",".join(sockets)]
         router_cmd += ["--connect-timeout", str(args.startup_timeout)]
         for flag in (
             "max_input_tokens",

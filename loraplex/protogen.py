@@ -1,4 +1,4 @@
-"""Generates the Python gRPC stubs from ``proto/`` (run by ``make install``; never edit the output)."""
+"""Generates the gRPC stubs from ``proto/`` into ``loraplex/proto/`` (run by ``make install``; never edit them)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
+# protoc names modules after the path it sees: proto/loraplex/v1/generate.proto is seen as
+# loraplex/proto/v1/generate.proto, so every stub lands in the one package loraplex.proto.
+VIRTUAL_ROOT = Path("loraplex/proto")
+SOURCE_ROOT = PROTO_DIR / "loraplex"
 
 
 def proto_files() -> list[Path]:
@@ -17,10 +21,10 @@ def generate(out_dir: Path) -> list[Path]:
     """Write ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` for every proto under ``out_dir``."""
     from grpc_tools import protoc  # a build-time dependency only
 
-    files = [str(p.relative_to(PROTO_DIR)) for p in proto_files()]
+    files = [str(VIRTUAL_ROOT / p.relative_to(SOURCE_ROOT)) for p in proto_files()]
     args = [
         "protoc",
-        f"-I{PROTO_DIR}",
+        f"-I{VIRTUAL_ROOT}={SOURCE_ROOT}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
@@ -34,7 +38,7 @@ def generated_files(root: Path) -> list[Path]:
     """The stub files that ``generate`` writes (or wrote) under ``root``."""
     out = []
     for proto in proto_files():
-        stem = root / proto.relative_to(PROTO_DIR).with_suffix("")
+        stem = root / VIRTUAL_ROOT / proto.relative_to(SOURCE_ROOT).with_suffix("")
         out += [stem.with_name(stem.name + suffix) for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
     return out
 

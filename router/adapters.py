@@ -20,9 +20,9 @@ from collections import Counter
 
 import grpc
 
-from router.errors import ApiError, adapter_not_found
-from router.metrics import Metrics
-from router.shards import ShardClients
+from loraplex.router.errors import ApiError, adapter_not_found
+from loraplex.router.metrics import Metrics
+from loraplex.router.shards import ShardClients
 
 log = logging.getLogger("loraplex.router")
 

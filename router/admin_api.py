@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from loraplex.shard.v1 import shard_pb2 as pb
-from router.service import RouterService
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.router.service import RouterService
 
 
 class LoadBody(BaseModel):

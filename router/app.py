@@ -12,12 +12,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from loraplex import __version__
-from router.admin_api import admin_routes
-from router.auth import Authenticate, refusal
-from router.body_limit import BodyLimit
-from router.http_api import tgi_routes
-from router.openai_api import OpenAIError, openai_routes
-from router.service import ApiError, RouterService
+from loraplex.router.admin_api import admin_routes
+from loraplex.router.auth import Authenticate, refusal
+from loraplex.router.body_limit import BodyLimit
+from loraplex.router.http_api import tgi_routes
+from loraplex.router.openai_api import OpenAIError, openai_routes
+from loraplex.router.service import ApiError, RouterService
 
 
 def create_app(service: RouterService) -> FastAPI:

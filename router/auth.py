@@ -6,8 +6,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.settings import RouterSettings
-from router.tenancy import Tenants, is_admin
+from loraplex.router.settings import RouterSettings
+from loraplex.router.tenancy import Tenants, is_admin
 
 # Probes and scrapers carry no key.
 OPEN_PATHS = ("/health", "/metrics")

@@ -10,13 +10,13 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from loraplex import __version__
-from loraplex.shard.v1 import shard_pb2 as shard_pb
-from loraplex.v1 import generate_pb2 as pb
-from loraplex.v1 import generate_pb2_grpc as pb_grpc
-from router.scheduler import EndEvent, ErrorEvent, TokenEvent, TokenInfo
-from router.service import ApiError, RouterService
-from router.tenancy import Tenant, is_admin
-from router.validation import GenerateParameters, ValidationError, validate_parameters
+from loraplex.proto.shard.v1 import shard_pb2 as shard_pb
+from loraplex.proto.v1 import generate_pb2 as pb
+from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
+from loraplex.router.scheduler import EndEvent, ErrorEvent, TokenEvent, TokenInfo
+from loraplex.router.service import ApiError, RouterService
+from loraplex.router.tenancy import Tenant, is_admin
+from loraplex.router.validation import GenerateParameters, ValidationError, validate_parameters
 
 _CODES = {
     "validation": grpc.StatusCode.INVALID_ARGUMENT,

@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from loraplex import __version__
-from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent, TokenInfo
-from router.schemas import TGI_PARAMETERS
-from router.service import ApiError, RouterService
-from router.tenancy import Tenant
-from router.validation import GenerateParameters, ValidationError, validate_parameters
+from loraplex.router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent, TokenInfo
+from loraplex.router.schemas import TGI_PARAMETERS
+from loraplex.router.service import ApiError, RouterService
+from loraplex.router.tenancy import Tenant
+from loraplex.router.validation import GenerateParameters, ValidationError, validate_parameters
 
 
 class GenerateBody(BaseModel):

@@ -10,7 +10,7 @@ from types import FrameType
 
 import uvicorn
 
-from router.service import RouterService
+from loraplex.router.service import RouterService
 
 log = logging.getLogger("loraplex.router")
 

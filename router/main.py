@@ -10,19 +10,19 @@ from pathlib import Path
 import grpc
 import uvicorn
 
-from loraplex.flags import fail
-from loraplex.logs import setup_logging
-from router.adapters import AdapterRegistry
-from router.app import create_app
-from router.grpc_api import serve_grpc
-from router.lifecycle import DrainingServer
-from router.metrics import Metrics
-from router.scheduler import Scheduler
-from router.service import RouterService, ServerInfo
-from router.settings import RouterSettings, settings_from_args
-from router.shards import ShardClients
-from router.tenancy import Tenants
-from router.tokenizer import TextTokenizer
+from loraplex.common.flags import fail
+from loraplex.common.logs import setup_logging
+from loraplex.router.adapters import AdapterRegistry
+from loraplex.router.app import create_app
+from loraplex.router.grpc_api import serve_grpc
+from loraplex.router.lifecycle import DrainingServer
+from loraplex.router.metrics import Metrics
+from loraplex.router.scheduler import Scheduler
+from loraplex.router.service import RouterService, ServerInfo
+from loraplex.router.settings import RouterSettings, settings_from_args
+from loraplex.router.shards import ShardClients
+from loraplex.router.tenancy import Tenants
+from loraplex.router.tokenizer import TextTokenizer
 
 log = logging.getLogger("loraplex.router")
 

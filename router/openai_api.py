@@ -11,12 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from router.http_api import client_gone, request_json, tenant_of
-from router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent
-from router.schemas import CHAT_BODY, COMPLETION_BODY
-from router.service import ApiError, RouterService
-from router.tokenizer import TemplateFailure
-from router.validation import ValidationError, validate_parameters
+from loraplex.router.http_api import client_gone, request_json, tenant_of
+from loraplex.router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent
+from loraplex.router.schemas import CHAT_BODY, COMPLETION_BODY
+from loraplex.router.service import ApiError, RouterService
+from loraplex.router.tokenizer import TemplateFailure
+from loraplex.router.validation import ValidationError, validate_parameters
 
 # "tgi" is what TGI clients send; "dummy" is what huggingface_hub's InferenceClient sends when it was built
 # from a server URL (older releases sent the URL itself, which is also accepted).

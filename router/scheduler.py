@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from loraplex.shard.v1 import shard_pb2 as pb
-from router.metrics import Metrics
-from router.settings import RouterSettings
-from router.shards import ShardClients
-from router.tokenizer import TextTokenizer
-from router.validation import GenerateParameters
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.router.metrics import Metrics
+from loraplex.router.settings import RouterSettings
+from loraplex.router.shards import ShardClients
+from loraplex.router.tokenizer import TextTokenizer
+from loraplex.router.validation import GenerateParameters
 
 log = logging.getLogger("loraplex.router")
 

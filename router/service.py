@@ -7,15 +7,15 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
-from loraplex.adapter_ids import adapter_id_problem
-from loraplex.shard.v1 import shard_pb2 as shard_pb
-from router.adapters import AdapterRegistry
-from router.errors import ApiError, adapter_not_found
-from router.scheduler import EndEvent, Entry, ErrorEvent, Event, Overloaded, Scheduler
-from router.settings import RouterSettings
-from router.tenancy import Tenant, Tenants
-from router.tokenizer import TextTokenizer
-from router.validation import GenerateParameters, ValidationError, check_lengths
+from loraplex.common.adapter_ids import adapter_id_problem
+from loraplex.proto.shard.v1 import shard_pb2 as shard_pb
+from loraplex.router.adapters import AdapterRegistry
+from loraplex.router.errors import ApiError, adapter_not_found
+from loraplex.router.scheduler import EndEvent, Entry, ErrorEvent, Event, Overloaded, Scheduler
+from loraplex.router.settings import RouterSettings
+from loraplex.router.tenancy import Tenant, Tenants
+from loraplex.router.tokenizer import TextTokenizer
+from loraplex.router.validation import GenerateParameters, ValidationError, check_lengths
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from loraplex.flags import FlagParser
+from loraplex.common.flags import FlagParser
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
-from loraplex.shard.v1 import shard_pb2 as pb
-from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
 
 
 class ShardClients:

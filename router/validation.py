@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.settings import RouterSettings
+from loraplex.router.settings import RouterSettings
 
 DEFAULT_MAX_NEW_TOKENS = 100
 

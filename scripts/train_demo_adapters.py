@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shard.embedded import embedded_model_dir
+from loraplex.shard.embedded import embedded_model_dir
 
 OUT = Path(__file__).resolve().parent.parent / "demo" / "adapters"
 

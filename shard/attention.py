@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shard.kv_cache import KVCache
+from loraplex.shard.kv_cache import KVCache
 
 
 @dataclass(frozen=True)

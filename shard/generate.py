@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from shard.checkpoint import CheckpointError, resolve_model_dir
-from shard.config import ModelConfigError
-from shard.embedded import EmbeddedModelError, embedded_model_dir
-from shard.lora.config import AdapterError
-from shard.lora.store import AdapterStore
-from shard.runner import build_runner, parse_dtype
+from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
+from loraplex.shard.config import ModelConfigError
+from loraplex.shard.embedded import EmbeddedModelError, embedded_model_dir
+from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import build_runner, parse_dtype
 
 
 def _parser() -> argparse.ArgumentParser:

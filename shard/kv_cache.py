@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shard.config import ModelConfig
+from loraplex.shard.config import ModelConfig
 
 
 class KVCacheFull(RuntimeError):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from shard.config import ModelConfig
+from loraplex.shard.config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

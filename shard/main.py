@@ -9,22 +9,22 @@ import threading
 import time
 from pathlib import Path
 
-from loraplex.flags import FlagParser, fail
-from loraplex.logs import setup_logging
-from loraplex.shard.v1 import shard_pb2 as pb
-from shard.allocator import keep_freed_memory
-from shard.checkpoint import CheckpointError, resolve_model_dir
-from shard.config import ModelConfig, ModelConfigError
-from shard.embedded import EmbeddedModelError, embedded_model_dir
-from shard.lora.config import AdapterError
-from shard.lora.roots import AdapterRoots
-from shard.lora.sources import parse_adapter_specs, resolve_adapter_source
-from shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
-from shard.model_thread import ModelThread
-from shard.parallel import TensorParallel, init_tensor_parallel, rank_device
-from shard.runner import build_runner, parse_dtype
-from shard.server import ShardServicer, serve
-from shard.service import ShardService
+from loraplex.common.flags import FlagParser, fail
+from loraplex.common.logs import setup_logging
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.shard.allocator import keep_freed_memory
+from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
+from loraplex.shard.config import ModelConfig, ModelConfigError
+from loraplex.shard.embedded import EmbeddedModelError, embedded_model_dir
+from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.roots import AdapterRoots
+from loraplex.shard.lora.sources import parse_adapter_specs, resolve_adapter_source
+from loraplex.shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
+from loraplex.shard.model_thread import ModelThread
+from loraplex.shard.parallel import TensorParallel, init_tensor_parallel, rank_device
+from loraplex.shard.runner import build_runner, parse_dtype
+from loraplex.shard.server import ShardServicer, serve
+from loraplex.shard.service import ShardService
 
 log = logging.getLogger("loraplex.shard")
 

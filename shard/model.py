@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shard.attention import AttentionInput, attention
-from shard.checkpoint import TensorReader
-from shard.config import ModelConfig
-from shard.kv_cache import KVCache
-from shard.layers import Rotary, apply_rotary, rms_norm
-from shard.lora.plan import LoraPlan
-from shard.parallel import TensorParallel
+from loraplex.shard.attention import AttentionInput, attention
+from loraplex.shard.checkpoint import TensorReader
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.kv_cache import KVCache
+from loraplex.shard.layers import Rotary, apply_rotary, rms_norm
+from loraplex.shard.lora.plan import LoraPlan
+from loraplex.shard.parallel import TensorParallel
 
 
 @dataclass

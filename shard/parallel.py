@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shard.config import ModelConfig
+from loraplex.shard.config import ModelConfig
 
 # Column-parallel projections split their output features; row-parallel ones split their input features.
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from shard.attention import AttentionInput
-from shard.config import ModelConfig
-from shard.kv_cache import KVCache, KVCacheFull
-from shard.lora.adapter import LoraAdapter
-from shard.lora.cuda_plan import make_plan
-from shard.lora.plan import LoraPlan
-from shard.model import CausalLM
-from shard.parallel import TensorParallel
+from loraplex.shard.attention import AttentionInput
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.kv_cache import KVCache, KVCacheFull
+from loraplex.shard.lora.adapter import LoraAdapter
+from loraplex.shard.lora.cuda_plan import make_plan
+from loraplex.shard.lora.plan import LoraPlan
+from loraplex.shard.model import CausalLM
+from loraplex.shard.parallel import TensorParallel
 
 
 @dataclass(eq=False)

@@ -10,13 +10,13 @@ from typing import Any
 
 import grpc
 
-from loraplex.shard.v1 import shard_pb2 as pb
-from loraplex.shard.v1 import shard_pb2_grpc as pb_grpc
-from shard.kv_cache import KVCacheFull
-from shard.lora.config import AdapterError
-from shard.lora.store import AdapterRecord
-from shard.sampling import SamplingParams
-from shard.service import BatchError, Generation, NewRequest, ShardService
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
+from loraplex.shard.kv_cache import KVCacheFull
+from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.store import AdapterRecord
+from loraplex.shard.sampling import SamplingParams
+from loraplex.shard.service import BatchError, Generation, NewRequest, ShardService
 
 _ADAPTER_CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,

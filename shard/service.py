@@ -11,11 +11,11 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 
-from shard.allocator import release_freed_memory
-from shard.lora.store import AdapterStore
-from shard.model_thread import ModelThread
-from shard.runner import ModelRunner, Sequence
-from shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
+from loraplex.shard.allocator import release_freed_memory
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.model_thread import ModelThread
+from loraplex.shard.runner import ModelRunner, Sequence
+from loraplex.shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
 
 T = TypeVar("T")
 P = ParamSpec("P")

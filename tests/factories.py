@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from shard.config import ModelConfig
+from loraplex.shard.config import ModelConfig
 
 TINY: dict[str, dict[str, Any]] = {
     "llama": dict(
@@ -195,7 +195,7 @@ def write_raw_adapter(
 ) -> Path:
     """A PEFT-format adapter for the checkpoint in ``model_dir``, written without PEFT: fast for thousands."""
     from loraplex.bench.adapters import write_adapter
-    from shard.config import ModelConfig
+    from loraplex.shard.config import ModelConfig
 
     config = ModelConfig.from_dir(model_dir)
     return write_adapter(directory, config, rank, targets, seed, std=std)

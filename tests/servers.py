@@ -100,7 +100,7 @@ def start_server(
         shard_log = root / f"shard-{port}-{rank}.log"
         server.logs.append(shard_log)
         shard_cmd = [
-            sys.executable, "-m", "shard.main", "--model-id", str(model_dir), "--listen", f"unix://{sock}",
+            sys.executable, "-m", "loraplex.shard.main", "--model-id", str(model_dir), "--listen", f"unix://{sock}",
             "--lora-adapters", spec, "--max-batch-total-tokens", "16384", "--block-size", "8",
             "--rank", str(rank), "--num-shard", str(num_shard), "--master-port", str(master), *shard_args,
         ]  # fmt: skip
@@ -108,7 +108,7 @@ def start_server(
     server.logs.append(router_log)
     server.shard_addresses = [f"unix://{s}" for s in socks]
     server.router_cmd = [
-        sys.executable, "-m", "router.main", "--shard-uds", ",".join(server.shard_addresses),
+        sys.executable, "-m", "loraplex.router.main", "--shard-uds", ",".join(server.shard_addresses),
         "--port", str(port), "--grpc-port", str(grpc_port),
         "--max-input-tokens", "200", "--max-total-tokens", "300", "--max-batch-total-tokens", "16384",
         *router_args,

@@ -15,8 +15,8 @@ import grpc
 import httpx
 import pytest
 
-from loraplex.v1 import generate_pb2 as pb
-from loraplex.v1 import generate_pb2_grpc as pb_grpc
+from loraplex.proto.v1 import generate_pb2 as pb
+from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
 from tests.servers import Server, start_server
 
 PROMPTS = ["the quick brown fox", "hello world", "what is the capital of France?", "answer in json"]

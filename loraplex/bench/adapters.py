@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from shard.config import ModelConfig
-from shard.lora.config import PROJECTIONS
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.lora.config import PROJECTIONS
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_PROJECTIONS = tuple(PROJECTIONS)

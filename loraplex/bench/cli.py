@@ -13,15 +13,15 @@ from loraplex.bench.plots import plot_latency, plot_throughput
 from loraplex.bench.report import ratio_lines, summary_table, write_json
 from loraplex.bench.run import Target, run_baselines, screened_prompts, serve, warm_adapters
 from loraplex.bench.workload import POPULARITIES, PromptMaker, adapter_indices, build_requests
-from loraplex.flags import FlagParser, fail
+from loraplex.common.flags import FlagParser, fail
 
 
 def _model_dir(value: str) -> Path:
     if value:
-        from shard.checkpoint import resolve_model_dir
+        from loraplex.shard.checkpoint import resolve_model_dir
 
         return Path(resolve_model_dir(value))
-    from shard.embedded import embedded_model_dir
+    from loraplex.shard.embedded import embedded_model_dir
 
     return embedded_model_dir()
 

@@ -93,7 +93,7 @@ class GrpcClient:
     """``loraplex.v1.TextGeneration/GenerateStream``."""
 
     def __init__(self, address: str, api_key: str = "", timeout: float = 600.0) -> None:
-        from loraplex.v1 import generate_pb2, generate_pb2_grpc
+        from loraplex.proto.v1 import generate_pb2, generate_pb2_grpc
 
         self.pb = generate_pb2
         self.channel = grpc.aio.insecure_channel(address)

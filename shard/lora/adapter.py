@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from shard.config import ModelConfig
-from shard.lora.config import PROJECTIONS, AdapterError, LoraConfig, read_config
-from shard.parallel import COLUMN_PARALLEL, TensorParallel
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.lora.config import PROJECTIONS, AdapterError, LoraConfig, read_config
+from loraplex.shard.parallel import COLUMN_PARALLEL, TensorParallel
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cuda
-from shard.config import ModelConfig
-from shard.lora.adapter import LoraAdapter
-from shard.lora.config import PROJECTIONS
-from shard.lora.plan import SITES, LoraBatch, LoraPlan, output_offsets
+from loraplex.kernels import cuda
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.lora.adapter import LoraAdapter
+from loraplex.shard.lora.config import PROJECTIONS
+from loraplex.shard.lora.plan import SITES, LoraBatch, LoraPlan, output_offsets
 
 
 @dataclass(frozen=True)

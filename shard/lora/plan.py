@@ -8,10 +8,10 @@ from typing import Protocol
 
 import torch
 
-from kernels.reference import gather_rows, sgmv_expand, sgmv_shrink
-from kernels.segments import SegmentLayout, segment_layout
-from shard.config import ModelConfig
-from shard.lora.adapter import LoraAdapter
+from loraplex.kernels.reference import gather_rows, sgmv_expand, sgmv_shrink
+from loraplex.kernels.segments import SegmentLayout, segment_layout
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.lora.adapter import LoraAdapter
 
 # Where LoRA is applied in a layer: projections that share an input share one shrink.
 SITES: dict[str, tuple[str, ...]] = {

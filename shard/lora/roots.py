@@ -6,9 +6,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from loraplex.adapter_ids import adapter_id_problem
-from shard.lora.adapter import WEIGHTS_FILE
-from shard.lora.config import AdapterError
+from loraplex.common.adapter_ids import adapter_id_problem
+from loraplex.shard.lora.adapter import WEIGHTS_FILE
+from loraplex.shard.lora.config import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 # In --adapter-dirs, this entry lets an "owner/name" id resolve in the huggingface_hub cache.

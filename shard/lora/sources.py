@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shard.lora.config import AdapterError
+from loraplex.shard.lora.config import AdapterError
 
 
 def parse_adapter_specs(spec: str) -> list[tuple[str, str]]:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from shard.config import ModelConfig
-from shard.lora.adapter import LoraAdapter, Pace, load_adapter
-from shard.lora.config import AdapterError
-from shard.lora.roots import AdapterRoots
-from shard.parallel import TensorParallel
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.lora.adapter import LoraAdapter, Pace, load_adapter
+from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.roots import AdapterRoots
+from loraplex.shard.parallel import TensorParallel
 
 DEFAULT_MAX_LORA_RANK = 128
 

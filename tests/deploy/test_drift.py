@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from loraplex.launcher import parser as launcher_parser
-from router.settings import RouterSettings, router_parser, settings_from_args
-from shard.main import parser as shard_parser
+from loraplex.router.settings import RouterSettings, router_parser, settings_from_args
+from loraplex.shard.main import parser as shard_parser
 from tests.deploy.support import (
     CI_VALUES,
     DOCKER,
@@ -43,7 +43,7 @@ def rank_namespaces(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> lis
     """What each ``loraplex-shard`` started by ``loraplex-entrypoint shards`` would parse."""
     ep = entrypoint()
     clean = ep.without_empty_settings(env)
-    prefix = len(ep.command("loraplex-shard", "shard.main"))
+    prefix = len(ep.command("loraplex-shard", "loraplex.shard.main"))
     use_environ(monkeypatch, clean)
     return [shard_parser().parse(cmd[prefix:]) for cmd in ep.rank_commands(clean)]
 
@@ -214,7 +214,7 @@ def test_image_settings_ports_and_health_checks(image: str, allowed: set[str]) -
 
 def test_the_embedded_model_cache_follows_loraplex_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LORAPLEX_CACHE=/data/loraplex puts the converted embedded model on the model volume."""
-    from shard.embedded import default_cache_root
+    from loraplex.shard.embedded import default_cache_root
 
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
     assert default_cache_root() == tmp_path / "cache"

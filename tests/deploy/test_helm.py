@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from router.tenancy import Tenants
+from loraplex.router.tenancy import Tenants
 from tests.deploy.support import (
     CHART,
     CI_VALUES,

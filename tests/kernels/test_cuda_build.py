@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import cuda
+from loraplex.kernels import cuda
 
 ARCHS = ["sm_80", "sm_89", "sm_90"]
 INSTANCES = 8  # shrink and expand x float16/bfloat16 x 1- and 8-token tiles

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cuda
+from loraplex.kernels import cuda
 
 pytestmark = [
     pytest.mark.gpu,
@@ -88,9 +88,9 @@ def test_kernels_match_the_float64_reference(mix: str, h_in: int, h_out: int, dt
 
 
 def test_cuda_plan_matches_the_reference_plan_on_a_model(tmp_path: Path) -> None:
-    from shard.lora.cuda_plan import CudaLoraBatch, make_plan
-    from shard.lora.store import AdapterStore
-    from shard.runner import Sequence, build_runner
+    from loraplex.shard.lora.cuda_plan import CudaLoraBatch, make_plan
+    from loraplex.shard.lora.store import AdapterStore
+    from loraplex.shard.runner import Sequence, build_runner
     from tests.factories import make_adapter, tiny_model
 
     base = tiny_model(tmp_path / "base", "llama")

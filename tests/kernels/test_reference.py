@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import gather_rows, lora_naive, sgmv_expand, sgmv_shrink
-from kernels.segments import segment_layout
+from loraplex.kernels.reference import gather_rows, lora_naive, sgmv_expand, sgmv_shrink
+from loraplex.kernels.segments import segment_layout
 
 
 def _zipf_keys(n: int, adapters: int, gen: torch.Generator) -> list[int]:

@@ -145,7 +145,7 @@ def test_env_twins_are_read(tmp_path: Path) -> None:
 
 def test_shard_with_missing_model_is_one_line_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "shard.main", "--model-id", str(tmp_path / "nope")],
+        [sys.executable, "-m", "loraplex.shard.main", "--model-id", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         timeout=120,

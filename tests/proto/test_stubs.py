@@ -18,8 +18,8 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
 
 def test_public_and_internal_adapter_info_share_their_wire_format() -> None:
     """The router forwards the shards' AdapterInfo by re-parsing its bytes: fields must keep their numbers."""
-    from loraplex.shard.v1 import shard_pb2
-    from loraplex.v1 import generate_pb2
+    from loraplex.proto.shard.v1 import shard_pb2
+    from loraplex.proto.v1 import generate_pb2
 
     public = {f.name: (f.number, f.type) for f in generate_pb2.AdapterInfo.DESCRIPTOR.fields}
     internal = {f.name: (f.number, f.type) for f in shard_pb2.AdapterInfo.DESCRIPTOR.fields}

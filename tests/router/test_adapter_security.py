@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from loraplex.v1 import generate_pb2 as pb
-from loraplex.v1 import generate_pb2_grpc as pb_grpc
+from loraplex.proto.v1 import generate_pb2 as pb
+from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
 from tests.factories import tiny_served_model, write_raw_adapter
 from tests.servers import Server, start_server
 

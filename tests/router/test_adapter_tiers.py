@@ -14,9 +14,9 @@ import httpx
 import pytest
 import torch
 
-from shard.lora.roots import AdapterRoots
-from shard.lora.store import AdapterStore
-from shard.runner import build_runner
+from loraplex.shard.lora.roots import AdapterRoots
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import build_runner
 from tests.factories import tiny_served_model, write_raw_adapter
 from tests.servers import Server, start_server
 

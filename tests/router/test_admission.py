@@ -6,11 +6,11 @@ import asyncio
 import time
 from typing import Any
 
-from router.metrics import Metrics
-from router.scheduler import Entry, Scheduler
-from router.settings import RouterSettings
-from router.shards import ShardClients
-from router.validation import validate_parameters
+from loraplex.router.metrics import Metrics
+from loraplex.router.scheduler import Entry, Scheduler
+from loraplex.router.settings import RouterSettings
+from loraplex.router.shards import ShardClients
+from loraplex.router.validation import validate_parameters
 
 SETTINGS = RouterSettings(adapter_slot_patience=2.0)
 

@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from router.auth import Authenticate
-from router.settings import RouterSettings
-from router.tenancy import Tenants
+from loraplex.router.auth import Authenticate
+from loraplex.router.settings import RouterSettings
+from loraplex.router.tenancy import Tenants
 
 KEY = "key-of-team-a-0123456789"
 ADMIN = "admin-token-0123456789"

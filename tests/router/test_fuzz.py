@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from loraplex.v1 import generate_pb2 as pb
-from loraplex.v1 import generate_pb2_grpc as pb_grpc
+from loraplex.proto.v1 import generate_pb2 as pb
+from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
 from tests.servers import Server, start_server
 
 CASES = 1100

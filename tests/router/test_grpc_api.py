@@ -6,8 +6,8 @@ import grpc
 import httpx
 import pytest
 
-from loraplex.v1 import generate_pb2 as pb
-from loraplex.v1 import generate_pb2_grpc as pb_grpc
+from loraplex.proto.v1 import generate_pb2 as pb
+from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
 from tests.servers import Server
 
 

@@ -18,10 +18,10 @@ import grpc
 import httpx
 import pytest
 
-from loraplex.shard.v1 import shard_pb2 as shard_pb
-from loraplex.shard.v1 import shard_pb2_grpc as shard_grpc
-from loraplex.v1 import generate_pb2 as public_pb
-from loraplex.v1 import generate_pb2_grpc as public_grpc
+from loraplex.proto.shard.v1 import shard_pb2 as shard_pb
+from loraplex.proto.shard.v1 import shard_pb2_grpc as shard_grpc
+from loraplex.proto.v1 import generate_pb2 as public_pb
+from loraplex.proto.v1 import generate_pb2_grpc as public_grpc
 from tests.servers import Server, start_server
 
 LONG = ("--max-input-tokens", "100", "--max-total-tokens", "2000", "--drain-timeout", "60")
@@ -150,7 +150,7 @@ def test_a_client_that_stops_reading_does_not_grow_memory(server: Server) -> Non
 def test_a_router_refuses_shards_out_of_place_and_stops_waiting_at_connect_timeout(
     server: Server, tmp_path: Path
 ) -> None:
-    base = [sys.executable, "-m", "router.main", "--port", "0", "--grpc-port", "0"]
+    base = [sys.executable, "-m", "loraplex.router.main", "--port", "0", "--grpc-port", "0"]
     # The one shard of a one-rank group listed as both ranks of two: serving would look right and split nothing.
     twice = ",".join(server.shard_addresses * 2)
     proc = subprocess.run([*base, "--shard-uds", twice], capture_output=True, text=True, timeout=120)

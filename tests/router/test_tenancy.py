@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from router.tenancy import TenancyError, Tenants
+from loraplex.router.tenancy import TenancyError, Tenants
 
 SPEC_EXAMPLE = """
 tenants:

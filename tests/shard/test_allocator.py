@@ -10,7 +10,7 @@ import pytest
 _PROBE = """
 import ctypes, resource, sys
 import torch
-from shard.allocator import keep_freed_memory, release_freed_memory
+from loraplex.shard.allocator import keep_freed_memory, release_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "policy" else None
 def faults_of_one_activation():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shard.attention import AttentionInput, attention, block_diagonal_pays, decode_block_diagonal
-from shard.kv_cache import KVCache
+from loraplex.shard.attention import AttentionInput, attention, block_diagonal_pays, decode_block_diagonal
+from loraplex.shard.kv_cache import KVCache
 from tests.factories import attention_config
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.checkpoint import CheckpointError, resolve_model_dir, safetensors_files
-from shard.config import ModelConfig, ModelConfigError
-from shard.runner import build_runner
+from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir, safetensors_files
+from loraplex.shard.config import ModelConfig, ModelConfigError
+from loraplex.shard.runner import build_runner
 from tests.factories import tiny_model
 
 
@@ -67,7 +67,7 @@ def test_generate_cli_bad_model_is_one_line_exit_2(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "from shard.generate import main; raise SystemExit(main())",
+            "from loraplex.shard.generate import main; raise SystemExit(main())",
             "hi",
             "--model-id",
             str(tmp_path / "absent"),
@@ -87,7 +87,7 @@ def test_hub_id_resolves_from_the_offline_cache(tmp_path: Path) -> None:
     tiny_model(snapshot, "llama")
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
-    code = "from shard.checkpoint import resolve_model_dir; print(resolve_model_dir('acme/tiny-llama'))"
+    code = "from loraplex.shard.checkpoint import resolve_model_dir; print(resolve_model_dir('acme/tiny-llama'))"
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shard.embedded import _DONE_MARKER, embedded_model_dir
-from shard.runner import build_runner
+from loraplex.shard.embedded import _DONE_MARKER, embedded_model_dir
+from loraplex.shard.runner import build_runner
 
 
 @pytest.mark.slow

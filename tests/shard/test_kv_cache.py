@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shard.kv_cache import BlockAllocator, KVCache, KVCacheFull
+from loraplex.shard.kv_cache import BlockAllocator, KVCache, KVCacheFull
 from tests.factories import attention_config
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.runner import Sequence, build_runner
+from loraplex.shard.runner import Sequence, build_runner
 from tests.factories import TINY, tiny_model
 
 LENGTHS = [5, 17, 1, 9]
@@ -62,7 +62,7 @@ def test_blocks_return_when_sequences_end(tmp_path: Path) -> None:
 
 
 def test_kv_cache_full_is_a_clear_error_and_changes_nothing(tmp_path: Path) -> None:
-    from shard.kv_cache import KVCacheFull
+    from loraplex.shard.kv_cache import KVCacheFull
 
     tiny_model(tmp_path, "llama")
     runner = build_runner(tmp_path, kv_blocks=2, block_size=4)

@@ -7,7 +7,7 @@ from concurrent import futures
 
 import pytest
 
-from shard.model_thread import ModelThread
+from loraplex.shard.model_thread import ModelThread
 
 
 def test_jobs_from_many_threads_run_on_one_thread_in_order() -> None:

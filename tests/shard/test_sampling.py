@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from shard.sampling import SamplingParams, TokenChooser, choose_tokens
+from loraplex.shard.sampling import SamplingParams, TokenChooser, choose_tokens
 
 
 def _logits() -> torch.Tensor:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.lora.store import AdapterStore
-from shard.runner import build_runner
-from shard.service import NewRequest, ShardService
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import build_runner
+from loraplex.shard.service import NewRequest, ShardService
 from tests.factories import tiny_model
 
 

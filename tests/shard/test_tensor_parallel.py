@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from shard.lora.store import AdapterStore
-from shard.parallel import ParallelError, TensorParallel, init_tensor_parallel, rank_device
-from shard.runner import Sequence, build_runner
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.parallel import ParallelError, TensorParallel, init_tensor_parallel, rank_device
+from loraplex.shard.runner import Sequence, build_runner
 from tests.factories import make_adapter, tiny_model
 from tests.servers import free_port
 

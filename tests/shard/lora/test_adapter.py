@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-import shard.lora.adapter as adapter_module
-from shard.config import ModelConfig
-from shard.lora.adapter import LoraAdapter, load_adapter
+import loraplex.shard.lora.adapter as adapter_module
+from loraplex.shard.config import ModelConfig
+from loraplex.shard.lora.adapter import LoraAdapter, load_adapter
 from tests.factories import make_adapter, tiny_model
 
 

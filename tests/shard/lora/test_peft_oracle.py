@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from shard.lora.store import AdapterStore
-from shard.runner import build_runner
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import build_runner
 from tests.factories import hf_greedy, make_adapter, peft_model, tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,7 +60,7 @@ def test_adapter_logits_match_peft(world: dict[str, Any]) -> None:
     prompt = world["prompts"][1]
     for name in ADAPTERS:
         oracle = peft_model(world["base"], world["dirs"][name])
-        from shard.runner import Sequence
+        from loraplex.shard.runner import Sequence
 
         seq = Sequence(0, list(prompt), world["store"].get(name))
         ours = world["runner"].prefill([seq], all_logits=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.lora.plan import LoraBatch
-from shard.lora.store import AdapterStore
-from shard.runner import ModelRunner, Sequence, build_runner
+from loraplex.shard.lora.plan import LoraBatch
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import ModelRunner, Sequence, build_runner
 from tests.factories import make_adapter, tiny_model
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shard.lora.config import AdapterError
-from shard.lora.store import AdapterStore
-from shard.runner import build_runner
+from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import build_runner
 from tests.factories import make_adapter, tiny_model
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shard.lora.config import AdapterError
-from shard.lora.roots import AdapterRoots
+from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.roots import AdapterRoots
 from tests.factories import tiny_model, write_raw_adapter
 
 
@@ -66,7 +66,7 @@ def test_hub_ids_resolve_in_the_cache_only_when_enabled(tmp_path: Path) -> None:
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("b" * 40)
     code = (
-        "import sys; from shard.lora.roots import AdapterRoots\n"
+        "import sys; from loraplex.shard.lora.roots import AdapterRoots\n"
         "roots = AdapterRoots.parse(sys.argv[1])\n"
         "for i in sys.argv[2:]:\n"
         "    try: print(roots.find(i))\n"

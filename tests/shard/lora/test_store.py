@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.lora.config import AdapterError
-from shard.lora.roots import AdapterRoots
-from shard.lora.store import AdapterStore
-from shard.runner import Sequence, build_runner
+from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.roots import AdapterRoots
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.runner import Sequence, build_runner
 from tests.factories import tiny_model, write_raw_adapter
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.flags import FlagParser
+from loraplex.common.flags import FlagParser
 
 
 def _parser(environ: dict[str, str]) -> FlagParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.adapter_ids import MAX_ADAPTER_ID_LENGTH, adapter_id_problem
+from loraplex.common.adapter_ids import MAX_ADAPTER_ID_LENGTH, adapter_id_problem
 
 
 @pytest.mark.parametrize(
