@@ -58,7 +58,7 @@ deploy-tools:
 test-deploy: install deploy-tools
 	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
-# The issue-8 suite on the CPU: loraplex and the transformers/peft baselines on the same requests, float32 and
+# The performance suite on the CPU: loraplex and the transformers/peft baselines on the same requests, float32 and
 # bfloat16; tables on stdout, JSON and PNGs in $(BENCH_OUT) (docs/bench.md).
 BENCH_OUT ?= benchmarks/results
 bench: install

@@ -1,4 +1,4 @@
-"""Issue 8's targets, #6's floor and the run summaries, from hand-made numbers whose answers are known."""
+"""The six targets, #6's floor and the run summaries, from hand-made numbers whose answers are known."""
 
 from __future__ import annotations
 
