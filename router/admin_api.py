@@ -7,15 +7,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.router.service import RouterService
+from loraplex.router.views import AdapterView
 
 
 class LoadBody(BaseModel):
     id: str = Field(description="adapter id: its path under an --adapter-dirs root, or a name given at start-up")
 
 
-def adapter_json(a: pb.AdapterInfo, in_flight: int = 0) -> dict[str, Any]:
+def adapter_json(a: AdapterView) -> dict[str, Any]:
     return {
         "id": a.id,
         "tier": a.tier,
@@ -24,7 +24,7 @@ def adapter_json(a: pb.AdapterInfo, in_flight: int = 0) -> dict[str, Any]:
         "targets": list(a.targets),
         "requests": a.requests,
         "load_seconds": round(a.load_seconds, 4),
-        "in_flight": in_flight,
+        "in_flight": a.in_flight,
     }
 
 
@@ -34,9 +34,7 @@ def admin_routes(service: RouterService) -> APIRouter:
 
     @api.get("/adapters", summary="Every adapter with its tier, bytes, rank, targets and requests served")
     async def list_adapters() -> dict[str, Any]:
-        adapters = await service.scheduler.shards.list_adapters()
-        refs = service.registry.refs
-        return {"adapters": [adapter_json(a, refs.get(a.id, 0)) for a in adapters]}
+        return {"adapters": [adapter_json(a) for a in await service.list_adapters()]}
 
     @api.post("/adapters", summary="Load an adapter into memory now")
     async def load(body: LoadBody) -> dict[str, Any]:

@@ -15,15 +15,16 @@ from loraplex import __version__
 from loraplex.router.admin_api import admin_routes
 from loraplex.router.auth import Authenticate, refusal
 from loraplex.router.body_limit import BodyLimit
+from loraplex.router.errors import ApiError
 from loraplex.router.http_api import tgi_routes
 from loraplex.router.openai_api import OpenAIError, openai_routes
-from loraplex.router.service import ApiError, RouterService
+from loraplex.router.service import RouterService
 
 
 def create_app(service: RouterService) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(service.scheduler.run())
+        task = asyncio.create_task(service.run())
         try:
             yield
         finally:

@@ -9,14 +9,14 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from loraplex import __version__
-from loraplex.proto.shard.v1 import shard_pb2 as shard_pb
 from loraplex.proto.v1 import generate_pb2 as pb
 from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
-from loraplex.router.scheduler import EndEvent, ErrorEvent, TokenEvent, TokenInfo
-from loraplex.router.service import ApiError, RouterService
+from loraplex.router.errors import ApiError
+from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent, TokenInfo
+from loraplex.router.service import RouterService
 from loraplex.router.tenancy import Tenant, is_admin
 from loraplex.router.validation import GenerateParameters, ValidationError, validate_parameters
+from loraplex.router.views import AdapterView, ServerInfo
 
 _CODES = {
     "validation": grpc.StatusCode.INVALID_ARGUMENT,
@@ -92,8 +92,8 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         tenant = await self._tenant(context)
         try:
             params = _parameters(self.service, request.parameters)
-            entry = await self.service.prepare(request.inputs, params, tenant)
-            end = await self.service.result(entry)
+            pending = await self.service.prepare(request.inputs, params, tenant)
+            end = await self.service.result(pending)
         except ApiError as exc:
             await _abort(context, exc)
         resp = pb.GenerateResponse(generated_text=self.service.full_text(request.inputs, end, params))
@@ -107,13 +107,13 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         tenant = await self._tenant(context)
         try:
             params = _parameters(self.service, request.parameters)
-            entry = await self.service.prepare(request.inputs, params, tenant)
+            pending = await self.service.prepare(request.inputs, params, tenant)
         except ApiError as exc:
             await _abort(context, exc)
         try:
-            async for event in self.service.events(entry):
+            async for event in self.service.events(pending):
                 if isinstance(event, TokenEvent):
-                    if entry.end is not None and event.index == len(entry.tokens):
+                    if pending.end is not None and event.index == len(pending.tokens):
                         continue  # sent with the end
                     yield pb.StreamResponse(
                         index=event.index, token=_token(event.token), top_tokens=[_token(t) for t in event.top_tokens]
@@ -129,42 +129,26 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
                 elif isinstance(event, ErrorEvent):
                     await _abort(context, ApiError(424, event.error_type, event.message))
         finally:
-            self.service.scheduler.cancel(entry)
+            self.service.cancel(pending)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        offsets = self.service.tokenizer.offsets(request.inputs)
+        offsets = self.service.tokenize(request.inputs)
         return pb.TokenizeResponse(tokens=[pb.Token(id=o.id, text=o.text) for o in offsets])
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        s, info = self.service.settings, self.service.info
-        return pb.InfoResponse(
-            model_id=info.model_id,
-            model_dtype=info.dtype,
-            model_device_type=info.device,
-            max_input_tokens=s.max_input_tokens,
-            max_total_tokens=s.max_total_tokens,
-            max_concurrent_requests=s.max_concurrent_requests,
-            max_stop_sequences=s.max_stop_sequences,
-            max_best_of=1,
-            max_batch_total_tokens=s.max_batch_total_tokens,
-            num_shard=info.num_shard,
-            version=__version__,
-        )
+        return _info(self.service.info())
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        try:
-            await self.service.scheduler.shards.health(timeout=2.0)
-        except grpc.aio.AioRpcError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "shards unavailable")
-        if self.service.draining or not self.service.scheduler.healthy:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down or shards unavailable")
+        report = await self.service.health()
+        if not report.ok:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, report.message)
         return pb.HealthResponse()
 
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
         tenant = await self._tenant(context)
-        return pb.ListAdaptersResponse(adapters=[_adapter(a) for a in await self.service.visible_adapters(tenant)])
+        return pb.ListAdaptersResponse(adapters=[_adapter(a) for a in await self.service.list_adapters(tenant)])
 
     async def LoadAdapter(
         self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
@@ -187,9 +171,33 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         return pb.UnloadAdapterResponse()
 
 
-def _adapter(a: shard_pb.AdapterInfo) -> pb.AdapterInfo:
-    # The public and the internal AdapterInfo share their fields and numbers (a test keeps them so).
-    return pb.AdapterInfo.FromString(a.SerializeToString())
+def _adapter(a: AdapterView) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        id=a.id,
+        rank=a.rank,
+        targets=a.targets,
+        bytes=a.bytes,
+        tier=a.tier,
+        requests=a.requests,
+        load_seconds=a.load_seconds,
+    )
+
+
+def _info(info: ServerInfo) -> pb.InfoResponse:
+    """HTTP /info's answer in the fields gRPC has (no max_batch_prefill_tokens, no router)."""
+    return pb.InfoResponse(
+        model_id=info.model_id,
+        model_dtype=info.model_dtype,
+        model_device_type=info.model_device_type,
+        max_input_tokens=info.max_input_tokens,
+        max_total_tokens=info.max_total_tokens,
+        max_concurrent_requests=info.max_concurrent_requests,
+        max_stop_sequences=info.max_stop_sequences,
+        max_best_of=info.max_best_of,
+        max_batch_total_tokens=info.max_batch_total_tokens,
+        num_shard=info.num_shard,
+        version=info.version,
+    )
 
 
 async def serve_grpc(service: RouterService, address: str) -> grpc.aio.Server:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import AsyncIterator
@@ -11,10 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from loraplex import __version__
-from loraplex.router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent, TokenInfo
+from loraplex.router.errors import ApiError
+from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent, TokenInfo
+from loraplex.router.inflight import InFlightRequest
 from loraplex.router.schemas import TGI_PARAMETERS
-from loraplex.router.service import ApiError, RouterService
+from loraplex.router.service import RouterService
 from loraplex.router.tenancy import Tenant
 from loraplex.router.validation import GenerateParameters, ValidationError, validate_parameters
 
@@ -75,14 +77,14 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> AsyncIterator[str]:
-    params = entry.params
+async def tgi_stream(service: RouterService, request: InFlightRequest, inputs: str) -> AsyncIterator[str]:
+    params = request.params
     try:
-        async for event in service.events(entry):
+        async for event in service.events(request):
             if isinstance(event, ErrorEvent):
                 yield sse({"error": event.message, "error_type": event.error_type})
             elif isinstance(event, TokenEvent):
-                if entry.end is not None and event.index == len(entry.tokens):
+                if request.end is not None and event.index == len(request.tokens):
                     continue  # the end event carries the last token, with the text and details
                 payload: dict[str, Any] = {
                     "index": event.index,
@@ -103,7 +105,7 @@ async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> Async
                         "details": {
                             "finish_reason": event.finish_reason,
                             "generated_tokens": event.generated_tokens,
-                            "input_length": len(entry.input_ids),
+                            "input_length": len(request.input_ids),
                             "seed": event.seed,
                         }
                         if params.details
@@ -111,7 +113,7 @@ async def tgi_stream(service: RouterService, entry: Entry, inputs: str) -> Async
                     }
                 )
     finally:
-        service.scheduler.cancel(entry)
+        service.cancel(request)
 
 
 def tgi_routes(service: RouterService) -> APIRouter:
@@ -119,8 +121,8 @@ def tgi_routes(service: RouterService) -> APIRouter:
 
     async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
         params = parse_parameters(service, body.parameters)
-        entry = await service.prepare(body.inputs, params, tenant_of(request))
-        end = await service.result(entry, client_gone(request))
+        pending = await service.prepare(body.inputs, params, tenant_of(request))
+        end = await service.result(pending, client_gone(request))
         out: dict[str, Any] = {"generated_text": service.full_text(body.inputs, end, params)}
         if params.details:
             out["details"] = details_json(end, params)
@@ -128,8 +130,8 @@ def tgi_routes(service: RouterService) -> APIRouter:
 
     async def stream(body: GenerateBody, tenant: Tenant | None) -> StreamingResponse:
         params = parse_parameters(service, body.parameters)
-        entry = await service.prepare(body.inputs, params, tenant)  # errors before the first token keep their status
-        return StreamingResponse(tgi_stream(service, entry, body.inputs), media_type="text/event-stream")
+        pending = await service.prepare(body.inputs, params, tenant)  # errors before the first token keep their status
+        return StreamingResponse(tgi_stream(service, pending, body.inputs), media_type="text/event-stream")
 
     @api.post("/", summary="TGI compatible generate (streams when stream is true)")
     async def compat(body: GenerateBody, request: Request) -> Any:
@@ -147,55 +149,22 @@ def tgi_routes(service: RouterService) -> APIRouter:
 
     @api.get("/health", summary="200 when every shard answers, 503 otherwise")
     async def health() -> Response:
-        try:
-            await service.scheduler.shards.health(timeout=2.0)
-        except Exception:
-            return JSONResponse({"error": "shards unavailable", "error_type": "unhealthy"}, status_code=503)
-        if not service.scheduler.healthy:
-            return JSONResponse({"error": "shards unavailable", "error_type": "unhealthy"}, status_code=503)
-        if service.draining:
-            return JSONResponse({"error": "shutting down", "error_type": "unavailable"}, status_code=503)
+        report = await service.health()
+        if not report.ok:
+            return JSONResponse({"error": report.message, "error_type": report.error_type}, status_code=503)
         return Response(status_code=200)
 
     @api.get("/info", summary="Model and server limits")
     async def info() -> dict[str, Any]:
-        s = service.settings
-        return {
-            "model_id": service.info.model_id,
-            "model_dtype": service.info.dtype,
-            "model_device_type": service.info.device,
-            "max_input_tokens": s.max_input_tokens,
-            "max_total_tokens": s.max_total_tokens,
-            "max_concurrent_requests": s.max_concurrent_requests,
-            "max_stop_sequences": s.max_stop_sequences,
-            "max_best_of": 1,
-            "max_batch_total_tokens": s.max_batch_total_tokens,
-            "max_batch_prefill_tokens": s.max_batch_prefill_tokens,
-            "num_shard": service.info.num_shard,
-            "router": "loraplex",
-            "version": __version__,
-        }
+        return dataclasses.asdict(service.info())
 
     @api.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
-        try:
-            health = await service.scheduler.shards.health(timeout=2.0)
-            service.scheduler.metrics.kv_blocks_used.set(health.kv_blocks_used)
-            m = service.scheduler.metrics
-            m.adapter_tier.clear()
-            for a in await service.scheduler.shards.list_adapters():
-                if a.tier in ("host", "device"):
-                    m.adapter_tier.labels(a.id, a.tier).set(1)
-        except Exception:
-            pass  # metrics stay readable when shards are down
-        return Response(service.scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(await service.render_metrics(), media_type="text/plain; version=0.0.4")
 
     @api.post("/tokenize", summary="Tokenize inputs")
     async def tokenize(body: TokenizeBody) -> list[dict[str, Any]]:
-        return [
-            {"id": o.id, "text": o.text, "start": o.start, "stop": o.stop}
-            for o in service.tokenizer.offsets(body.inputs)
-        ]
+        return [{"id": o.id, "text": o.text, "start": o.start, "stop": o.stop} for o in service.tokenize(body.inputs)]
 
     return api
 

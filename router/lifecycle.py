@@ -40,7 +40,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = self.force_exit = True
             return
         self.service.draining = True
-        log.info("draining", extra={"signal": signal.Signals(sig).name, "in_flight": self.service.scheduler.in_flight})
+        log.info("draining", extra={"signal": signal.Signals(sig).name, "in_flight": self.service.in_flight})
         self._loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
@@ -51,5 +51,5 @@ class DrainingServer(uvicorn.Server):
         while self.service.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.service.busy:
-            log.warning("drain timed out", extra={"in_flight": self.service.scheduler.in_flight})
+            log.warning("drain timed out", extra={"in_flight": self.service.in_flight})
         self.should_exit = True

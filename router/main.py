@@ -18,11 +18,12 @@ from loraplex.router.grpc_api import serve_grpc
 from loraplex.router.lifecycle import DrainingServer
 from loraplex.router.metrics import Metrics
 from loraplex.router.scheduler import Scheduler
-from loraplex.router.service import RouterService, ServerInfo
+from loraplex.router.service import RouterService
 from loraplex.router.settings import RouterSettings, settings_from_args
 from loraplex.router.shards import ShardClients
 from loraplex.router.tenancy import Tenants
 from loraplex.router.tokenizer import TextTokenizer
+from loraplex.router.views import ModelInfo
 
 log = logging.getLogger("loraplex.router")
 
@@ -35,18 +36,26 @@ async def build_service(settings: RouterSettings) -> RouterService:
     await shards.clear()  # batches a previous router left behind (it crashed or was killed) are orphans
     tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
     tokenizer = TextTokenizer(tokenizer_dir)
-    scheduler = Scheduler(shards, tokenizer, settings, set(info.eos_token_ids), Metrics())
-    server_info = ServerInfo(
+    metrics = Metrics()
+    registry = AdapterRegistry(shards, info.max_active_adapters + info.max_cpu_adapters, metrics)
+    await registry.sync()
+    scheduler = Scheduler(
+        shards,
+        tokenizer,
+        settings,
+        set(info.eos_token_ids),
+        metrics,
+        adapter_slots=info.max_active_adapters,
+        on_release=registry.release,
+        on_recovered=registry.sync,  # a restarted shard forgot the adapters loaded on demand
+    )
+    model = ModelInfo(
         model_id=settings.model_id or info.model_id,
-        model_dir=info.model_dir,
         dtype=info.dtype,
         device=info.device,
         num_shard=len(settings.shard_uds),
     )
-    scheduler.adapter_slots = info.max_active_adapters or scheduler.adapter_slots
-    registry = AdapterRegistry(shards, info.max_active_adapters + info.max_cpu_adapters, scheduler.metrics)
-    await registry.sync()
-    return RouterService(scheduler, tokenizer, settings, server_info, registry, tenants)
+    return RouterService(scheduler, tokenizer, settings, model, registry, tenants)
 
 
 async def serve(settings: RouterSettings) -> None:

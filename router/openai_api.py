@@ -11,10 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from loraplex.router.errors import ApiError
+from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent
 from loraplex.router.http_api import client_gone, request_json, tenant_of
-from loraplex.router.scheduler import EndEvent, Entry, ErrorEvent, TokenEvent
+from loraplex.router.inflight import InFlightRequest
 from loraplex.router.schemas import CHAT_BODY, COMPLETION_BODY
-from loraplex.router.service import ApiError, RouterService
+from loraplex.router.service import RouterService
 from loraplex.router.tokenizer import TemplateFailure
 from loraplex.router.validation import ValidationError, validate_parameters
 
@@ -34,7 +36,7 @@ def resolve_model(service: RouterService, model: Any) -> str:
         return ""
     if not isinstance(model, str):
         raise OpenAIError(422, "validation", "`model` must be a string")
-    if model in BASE_ALIASES or model == service.info.model_id or model.startswith(("http://", "https://")):
+    if model in BASE_ALIASES or model == service.model_id or model.startswith(("http://", "https://")):
         return ""
     return model
 
@@ -66,8 +68,8 @@ def _params(service: RouterService, body: dict[str, Any], adapter: str) -> Any:
         raise OpenAIError(422, "validation", str(exc)) from exc
 
 
-def _usage(entry: Entry, end: EndEvent) -> dict[str, int]:
-    prompt = len(entry.input_ids)
+def _usage(request: InFlightRequest, end: EndEvent) -> dict[str, int]:
+    prompt = len(request.input_ids)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": end.generated_tokens,
@@ -75,7 +77,7 @@ def _usage(entry: Entry, end: EndEvent) -> dict[str, int]:
     }
 
 
-async def _stream(service: RouterService, entry: Entry, model: str, kind: str) -> AsyncIterator[str]:
+async def _stream(service: RouterService, pending: InFlightRequest, model: str, kind: str) -> AsyncIterator[str]:
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -96,19 +98,19 @@ async def _stream(service: RouterService, entry: Entry, model: str, kind: str) -
 
     sent_role = False
     try:
-        async for event in service.events(entry):
+        async for event in service.events(pending):
             if isinstance(event, TokenEvent):
                 if event.token.special:
                     continue
                 yield chunk(event.token.text, None)
                 sent_role = True
             elif isinstance(event, EndEvent):
-                yield chunk(None, _FINISH[event.finish_reason], _usage(entry, event))
+                yield chunk(None, _FINISH[event.finish_reason], _usage(pending, event))
             elif isinstance(event, ErrorEvent):
                 yield f"data: {json.dumps({'error': event.message, 'error_type': event.error_type})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        service.scheduler.cancel(entry)
+        service.cancel(pending)
 
 
 def openai_routes(service: RouterService) -> APIRouter:
@@ -119,14 +121,14 @@ def openai_routes(service: RouterService) -> APIRouter:
         adapter = resolve_model(service, model)
         params = _params(service, body, adapter)
         try:
-            entry = await service.prepare(prompt, params, tenant_of(request))
+            pending = await service.prepare(prompt, params, tenant_of(request))
         except ApiError as exc:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
-        name = model if isinstance(model, str) and model else service.info.model_id
+        name = model if isinstance(model, str) and model else service.model_id
         if body.get("stream"):
-            return StreamingResponse(_stream(service, entry, name, kind), media_type="text/event-stream")
+            return StreamingResponse(_stream(service, pending, name, kind), media_type="text/event-stream")
         try:
-            end = await service.result(entry, client_gone(request))
+            end = await service.result(pending, client_gone(request))
         except ApiError as exc:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
         text = end.generated_text
@@ -141,7 +143,7 @@ def openai_routes(service: RouterService) -> APIRouter:
             "created": int(time.time()),
             "model": name,
             "choices": [choice],
-            "usage": _usage(entry, end),
+            "usage": _usage(pending, end),
         }
 
     @api.post(
@@ -156,7 +158,7 @@ def openai_routes(service: RouterService) -> APIRouter:
             if isinstance(m.get("content"), list):  # content parts: keep the text ones
                 m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
         try:
-            prompt = service.tokenizer.apply_chat_template(messages)
+            prompt = service.chat_prompt(messages)
         except TemplateFailure as exc:
             raise OpenAIError(422, "validation", str(exc)) from exc
         return await run(request, body, prompt, "chat")
@@ -175,8 +177,8 @@ def openai_routes(service: RouterService) -> APIRouter:
     async def models(request: Request) -> dict[str, Any]:
         created = int(time.time())
         tenant = tenant_of(request)
-        base = [service.info.model_id] if tenant is None or tenant.base else []
-        names = [*base, *(a.id for a in await service.visible_adapters(tenant))]
+        base = [service.model_id] if tenant is None or tenant.base else []
+        names = [*base, *(a.id for a in await service.list_adapters(tenant))]
         return {
             "object": "list",
             "data": [{"id": n, "object": "model", "created": created, "owned_by": "loraplex"} for n in names],

@@ -9,82 +9,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import grpc
 
 from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.router.events import EndEvent, ErrorEvent, Event, TokenEvent, TokenInfo
+from loraplex.router.inflight import InFlightRequest, Overloaded
 from loraplex.router.metrics import Metrics
 from loraplex.router.settings import RouterSettings
 from loraplex.router.shards import ShardClients
 from loraplex.router.tokenizer import TextTokenizer
-from loraplex.router.validation import GenerateParameters
 
 log = logging.getLogger("loraplex.router")
 
 
 RECOVERY_INTERVAL_S = 2.0  # how often an idle, unhealthy router asks the shards again
-
-
-class Overloaded(RuntimeError):
-    """More requests than --max-concurrent-requests are in flight."""
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    id: int
-    text: str
-    logprob: float
-    special: bool
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    index: int
-    token: TokenInfo
-    top_tokens: list[TokenInfo]
-
-
-@dataclass(frozen=True)
-class EndEvent:
-    generated_text: str
-    finish_reason: str
-    generated_tokens: int
-    seed: int | None
-    prefill: list[TokenInfo]
-    tokens: list[TokenInfo]
-    top_tokens: list[list[TokenInfo]]
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    message: str
-    error_type: str = "generation"
-
-
-Event = TokenEvent | EndEvent | ErrorEvent
-
-
-@dataclass(eq=False)
-class Entry:
-    """One request from admission to its last event."""
-
-    input_ids: list[int]
-    params: GenerateParameters
-    max_new_tokens: int
-    id: int = 0
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    generated: list[int] = field(default_factory=list)
-    tokens: list[TokenInfo] = field(default_factory=list)
-    top_tokens: list[list[TokenInfo]] = field(default_factory=list)
-    prefill: list[TokenInfo] = field(default_factory=list)
-    text: str = ""
-    cancelled: bool = False
-    finished: bool = False
-    released: bool = False
-    end: EndEvent | None = None
-    queued_at: float = field(default_factory=time.monotonic)
-    last_token_at: float = 0.0
 
 
 class Scheduler:
@@ -97,40 +36,47 @@ class Scheduler:
         settings: RouterSettings,
         eos_ids: set[int],
         metrics: Metrics,
+        *,
+        adapter_slots: int = 0,
+        on_release: Callable[[str], None] | None = None,
+        on_recovered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``adapter_slots`` is the shards' --max-active-adapters (0: no limit). ``on_release(adapter_id)``
+        runs once a request that named an adapter holds nothing on the shards any more (it may be unloaded
+        then); ``on_recovered()`` once the shards answer again after a failure (they may have restarted)."""
         self.shards = shards
         self.tokenizer = tokenizer
         self.settings = settings
         self.eos_ids = eos_ids
         self.metrics = metrics
-        self.waiting: deque[Entry] = deque()
-        self.running: dict[int, Entry] = {}
+        self.waiting: deque[InFlightRequest] = deque()
+        self.running: dict[int, InFlightRequest] = {}
         self.members: dict[int, list[int]] = {}  # cached batch id -> request ids
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self.healthy = True
-        self.adapter_slots = 1 << 30  # the shards' --max-active-adapters, set once they are known
-        self.on_finish: Callable[[Entry], None] | None = None
-        self.on_recovered: Callable[[], Awaitable[None]] | None = None  # shards answer again after a failure
+        self.adapter_slots = adapter_slots or 1 << 30
+        self._on_release = on_release
+        self._on_recovered = on_recovered
         self.longest_wait = 0.0
 
     @property
     def in_flight(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def submit(self, entry: Entry) -> None:
+    def submit(self, request: InFlightRequest) -> None:
         if self.in_flight >= self.settings.max_concurrent_requests:
             raise Overloaded("Model is overloaded")
-        entry.id = next(self._ids)
-        self.waiting.append(entry)
+        request.id = next(self._ids)
+        self.waiting.append(request)
         self.metrics.queue_size.set(len(self.waiting))
-        self.metrics.input_tokens.inc(len(entry.input_ids))
+        self.metrics.input_tokens.inc(len(request.input_ids))
         self._wake.set()
 
-    def cancel(self, entry: Entry) -> None:
+    def cancel(self, request: InFlightRequest) -> None:
         """The client went away: the request leaves the batch at the next step and its KV blocks are freed."""
-        if not entry.finished:
-            entry.cancelled = True
+        if not request.finished:
+            request.cancelled = True
             self._wake.set()
 
     async def run(self) -> None:
@@ -168,7 +114,7 @@ class Scheduler:
         self.metrics.queue_size.set(len(self.waiting))
         self.metrics.running_requests.set(len(self.running))
 
-    def _admit(self) -> list[Entry]:
+    def _admit(self) -> list[InFlightRequest]:
         """Take waiting requests in arrival order while the token budgets and adapter slots allow.
 
         A request whose adapter is not on the device needs a free slot (``--max-active-adapters``);
@@ -182,9 +128,9 @@ class Scheduler:
         reserved = sum(len(e.input_ids) + e.max_new_tokens for e in self.running.values())
         active = {e.params.adapter_id for e in self.running.values() if e.params.adapter_id}
         prefill_tokens = 0
-        batch: list[Entry] = []
-        kept: deque[Entry] = deque()
-        blocked: Entry | None = None  # the oldest request waiting for an adapter slot
+        batch: list[InFlightRequest] = []
+        kept: deque[InFlightRequest] = deque()
+        blocked: InFlightRequest | None = None  # the oldest request waiting for an adapter slot
         while self.waiting:
             e = self.waiting.popleft()
             if e.cancelled:
@@ -221,7 +167,7 @@ class Scheduler:
                 self.metrics.longest_queue_wait.set(wait)
         return batch
 
-    async def _prefill(self, entries: list[Entry]) -> None:
+    async def _prefill(self, entries: list[InFlightRequest]) -> None:
         batch_id = next(self._ids)
         requests = [
             pb.Request(
@@ -347,7 +293,7 @@ class Scheduler:
         special = token_id in self.tokenizer.special_ids
         return TokenInfo(token_id, self.tokenizer.token_text(token_id), logprob, special)
 
-    def _end(self, e: Entry, reason: str) -> EndEvent:
+    def _end(self, e: InFlightRequest, reason: str) -> EndEvent:
         return EndEvent(
             generated_text=e.text,
             finish_reason=reason,
@@ -358,14 +304,14 @@ class Scheduler:
             top_tokens=e.top_tokens,
         )
 
-    def _release(self, e: Entry) -> None:
+    def _release(self, e: InFlightRequest) -> None:
         """The request holds nothing on the shards any more: its adapter may be unloaded."""
         if not e.released:
             e.released = True
-            if self.on_finish is not None:
-                self.on_finish(e)
+            if self._on_release is not None and e.params.adapter_id:
+                self._on_release(e.params.adapter_id)
 
-    def _finish(self, e: Entry, event: Event | None) -> None:
+    def _finish(self, e: InFlightRequest, event: Event | None) -> None:
         e.finished = True
         if e.id not in self.running:  # never reached the shards, or already left them
             self._release(e)
@@ -405,7 +351,7 @@ class Scheduler:
         if not await self._clear_shards():
             return False
         log.info("shards answer again; serving")
-        if self.on_recovered is not None:
+        if self._on_recovered is not None:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.on_recovered()
+                await self._on_recovered()
         return True

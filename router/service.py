@@ -1,61 +1,119 @@
-"""What every public API shares: request preparation (validation, tokenization, adapter check) and results."""
+"""The router's façade: everything the public APIs ask of the router, answered in router types."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from typing import Any
 
+from loraplex import __version__
 from loraplex.common.adapter_ids import adapter_id_problem
-from loraplex.proto.shard.v1 import shard_pb2 as shard_pb
 from loraplex.router.adapters import AdapterRegistry
 from loraplex.router.errors import ApiError, adapter_not_found
-from loraplex.router.scheduler import EndEvent, Entry, ErrorEvent, Event, Overloaded, Scheduler
+from loraplex.router.events import EndEvent, ErrorEvent, Event
+from loraplex.router.inflight import InFlightRequest, Overloaded
+from loraplex.router.scheduler import Scheduler
 from loraplex.router.settings import RouterSettings
 from loraplex.router.tenancy import Tenant, Tenants
-from loraplex.router.tokenizer import TextTokenizer
+from loraplex.router.tokenizer import Offsets, TextTokenizer
 from loraplex.router.validation import GenerateParameters, ValidationError, check_lengths
-
-
-@dataclass
-class ServerInfo:
-    model_id: str
-    model_dir: str
-    dtype: str
-    device: str
-    num_shard: int
+from loraplex.router.views import AdapterView, Health, ModelInfo, ServerInfo
 
 
 class RouterService:
-    """Turns validated requests into scheduler entries and scheduler events into results."""
+    """The router's façade: the one object the HTTP (TGI, OpenAI, admin) and gRPC APIs call.
+
+    It validates, tokenizes and admits requests, hands back their events and results, and answers
+    info, health, metrics and adapter questions, always in router types (``loraplex.router.events``,
+    ``loraplex.router.views``): each API only translates them to its own wire format. What lies
+    behind it (scheduler, adapter registry, shard clients) is not the APIs' business.
+    """
 
     def __init__(
         self,
         scheduler: Scheduler,
         tokenizer: TextTokenizer,
         settings: RouterSettings,
-        info: ServerInfo,
+        model: ModelInfo,
         registry: AdapterRegistry,
         tenants: Tenants | None = None,
     ) -> None:
-        self.scheduler = scheduler
-        self.tokenizer = tokenizer
+        self._scheduler = scheduler
+        self._tokenizer = tokenizer
         self.settings = settings
-        self.info = info
-        self.registry = registry
+        self.model = model
+        self._registry = registry
         self.tenants = tenants
         self.draining = False  # set on SIGTERM: new work is refused, in-flight work finishes
-        scheduler.on_finish = self._finished
-        scheduler.on_recovered = registry.sync
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @property
+    def in_flight(self) -> int:
+        return self._scheduler.in_flight
 
     @property
     def busy(self) -> bool:
-        return self.scheduler.in_flight + self.registry.pending_loads > 0
+        return self._scheduler.in_flight + self._registry.pending_loads > 0
 
-    def _finished(self, entry: Entry) -> None:
-        if entry.params.adapter_id:
-            self.registry.release(entry.params.adapter_id)
+    async def run(self) -> None:
+        """The batching loop; runs for the life of the server."""
+        await self._scheduler.run()
+
+    def info(self) -> ServerInfo:
+        s = self.settings
+        return ServerInfo(
+            model_id=self.model.model_id,
+            model_dtype=self.model.dtype,
+            model_device_type=self.model.device,
+            max_input_tokens=s.max_input_tokens,
+            max_total_tokens=s.max_total_tokens,
+            max_concurrent_requests=s.max_concurrent_requests,
+            max_stop_sequences=s.max_stop_sequences,
+            max_best_of=1,
+            max_batch_total_tokens=s.max_batch_total_tokens,
+            max_batch_prefill_tokens=s.max_batch_prefill_tokens,
+            num_shard=self.model.num_shard,
+            router="loraplex",
+            version=__version__,
+        )
+
+    async def health(self) -> Health:
+        """Ready when every shard answers, the last batch step left them clean, and no drain has begun."""
+        try:
+            await self._scheduler.shards.health(timeout=2.0)
+        except Exception:  # whatever keeps a shard from answering, the router cannot serve
+            return Health(False, "unhealthy", "shards unavailable")
+        if not self._scheduler.healthy:
+            return Health(False, "unhealthy", "shards unavailable")
+        if self.draining:
+            return Health(False, "unavailable", "shutting down")
+        return Health(True)
+
+    async def render_metrics(self) -> bytes:
+        """Prometheus text, with the shards' KV use and adapter tiers read now."""
+        m = self._scheduler.metrics
+        try:
+            health = await self._scheduler.shards.health(timeout=2.0)
+            m.kv_blocks_used.set(health.kv_blocks_used)
+            m.adapter_tier.clear()
+            for a in await self._scheduler.shards.list_adapters():
+                if a.tier in ("host", "device"):
+                    m.adapter_tier.labels(a.id, a.tier).set(1)
+        except Exception:
+            pass  # metrics stay readable when shards are down
+        return m.render()
+
+    def tokenize(self, text: str) -> list[Offsets]:
+        return self._tokenizer.offsets(text)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The base model's chat template applied; raises TemplateFailure when it refuses the messages."""
+        return self._tokenizer.apply_chat_template(messages)
 
     def check_adapter(self, adapter_id: str, tenant: Tenant | None) -> None:
         """Refuse what this caller may not use: a forbidden adapter looks exactly like a missing one."""
@@ -66,12 +124,19 @@ class RouterService:
         if adapter_id_problem(adapter_id) is not None or (tenant is not None and not tenant.allows(adapter_id)):
             raise adapter_not_found(adapter_id)
 
-    async def visible_adapters(self, tenant: Tenant | None) -> list[shard_pb.AdapterInfo]:
-        """Every adapter the shards can serve (any tier) that this caller may use."""
-        adapters = await self.scheduler.shards.list_adapters()
-        return [a for a in adapters if tenant is None or tenant.allows(a.id)]
+    async def list_adapters(self, tenant: Tenant | None = None) -> list[AdapterView]:
+        """Every adapter the shards can serve (any tier) that this caller may use (all of them for None)."""
+        adapters = await self._scheduler.shards.list_adapters()
+        refs = self._registry.refs
+        return [
+            dataclasses.replace(a, in_flight=refs.get(a.id, 0))
+            for a in adapters
+            if tenant is None or tenant.allows(a.id)
+        ]
 
-    async def prepare(self, inputs: object, params: GenerateParameters, tenant: Tenant | None = None) -> Entry:
+    async def prepare(
+        self, inputs: object, params: GenerateParameters, tenant: Tenant | None = None
+    ) -> InFlightRequest:
         """Validate, tokenize, load the adapter if needed, queue; raises ApiError before anything is generated."""
         if self.draining:
             raise ApiError(503, "unavailable", "the server is shutting down; retry on another replica")
@@ -80,66 +145,70 @@ class RouterService:
         if not inputs:
             raise ApiError(422, "validation", "`inputs` cannot be empty")
         self.check_adapter(params.adapter_id, tenant)
-        ids = self.tokenizer.encode(inputs)
+        ids = self._tokenizer.encode(inputs)
         if params.truncate is not None:
             ids = ids[-params.truncate :]
         try:
             max_new = check_lengths(len(ids), params, self.settings)
         except ValidationError as exc:
             raise ApiError(422, "validation", str(exc)) from exc
-        if self.scheduler.in_flight + self.registry.pending_loads >= self.settings.max_concurrent_requests:
+        if self._scheduler.in_flight + self._registry.pending_loads >= self.settings.max_concurrent_requests:
             raise ApiError(429, "overloaded", "Model is overloaded")
         adapter = params.adapter_id
         if adapter:
-            self.registry.acquire(adapter)  # from now until the request ends, the adapter stays loaded
+            self._registry.acquire(adapter)  # from now until the request ends, the adapter stays loaded
             try:
-                await self.registry.ensure(adapter)
+                await self._registry.ensure(adapter)
             except BaseException:
-                self.registry.release(adapter)
+                self._registry.release(adapter)
                 raise
-        entry = Entry(ids, params, max_new)
+        request = InFlightRequest(ids, params, max_new)
         try:
-            self.scheduler.submit(entry)
+            self._scheduler.submit(request)
         except Overloaded as exc:
             if adapter:
-                self.registry.release(adapter)
+                self._registry.release(adapter)
             raise ApiError(429, "overloaded", str(exc)) from exc
-        self.scheduler.metrics.adapter_requests.labels(adapter or "base").inc()
-        return entry
+        self._scheduler.metrics.adapter_requests.labels(adapter or "base").inc()
+        return request
 
-    async def load_adapter(self, adapter_id: str) -> shard_pb.AdapterInfo:
+    async def load_adapter(self, adapter_id: str) -> AdapterView:
         """Admin load: the same path as a first request, then the adapter's record."""
         self.check_adapter(adapter_id, None)
-        await self.registry.ensure(adapter_id)
+        await self._registry.ensure(adapter_id)
         return await self.adapter_info(adapter_id)
 
     async def unload_adapter(self, adapter_id: str) -> None:
         self.check_adapter(adapter_id, None)
-        await self.registry.unload(adapter_id)
+        await self._registry.unload(adapter_id)
 
-    async def adapter_info(self, adapter_id: str) -> shard_pb.AdapterInfo:
-        for a in await self.scheduler.shards.list_adapters():
+    async def adapter_info(self, adapter_id: str) -> AdapterView:
+        for a in await self.list_adapters():
             if a.id == adapter_id:
                 return a
         raise adapter_not_found(adapter_id)
 
-    async def events(self, entry: Entry) -> AsyncIterator[Event]:
-        """The entry's events until its end; leaving early (client gone) cancels the request."""
+    def cancel(self, request: InFlightRequest) -> None:
+        """The client is gone: the request frees its batch slot and KV blocks at the next step."""
+        self._scheduler.cancel(request)
+
+    async def events(self, request: InFlightRequest) -> AsyncIterator[Event]:
+        """The request's events until its end; leaving early (client gone) cancels the request."""
         try:
             while True:
-                event = await entry.events.get()
+                event = await request.events.get()
                 yield event
                 if isinstance(event, EndEvent | ErrorEvent):
                     return
         finally:
-            self.scheduler.cancel(entry)
+            self._scheduler.cancel(request)
 
-    async def result(self, entry: Entry, gone: Awaitable[None] | None = None) -> EndEvent:
-        """The entry's end. ``gone`` completes when the client hangs up: the request is cancelled then,
+    async def result(self, request: InFlightRequest, gone: Awaitable[None] | None = None) -> EndEvent:
+        """The request's end. ``gone`` completes when the client hangs up: the request is cancelled then,
         freeing its batch slot and KV blocks, rather than generated to the end for nobody."""
         if gone is None:
-            return await self._result(entry)
-        task = asyncio.ensure_future(self._result(entry))
+            return await self._result(request)
+        task = asyncio.ensure_future(self._result(request))
         watcher = asyncio.ensure_future(gone)
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,8 +222,8 @@ class RouterService:
             raise ApiError(499, "cancelled", "the client closed the connection")
         return task.result()
 
-    async def _result(self, entry: Entry) -> EndEvent:
-        async for event in self.events(entry):
+    async def _result(self, request: InFlightRequest) -> EndEvent:
+        async for event in self.events(request):
             if isinstance(event, ErrorEvent):
                 raise ApiError(404 if event.error_type == "adapter_not_found" else 424, event.error_type, event.message)
             if isinstance(event, EndEvent):

@@ -10,6 +10,7 @@ import grpc
 
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
+from loraplex.router.views import AdapterView
 
 
 class ShardClients:
@@ -44,13 +45,13 @@ class ShardClients:
         req = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(batch_id=batch_id)
         await self._all(lambda s: s.ClearCache(req))
 
-    async def list_adapters(self) -> list[pb.AdapterInfo]:
+    async def list_adapters(self) -> list[AdapterView]:
         resp = await self.stubs[0].ListAdapters(pb.ListAdaptersRequest(), timeout=10)
-        return list(resp.adapters)
+        return [adapter_view(a) for a in resp.adapters]
 
-    async def load_adapter(self, adapter_id: str) -> pb.AdapterInfo:
+    async def load_adapter(self, adapter_id: str) -> AdapterView:
         resp = await self._all(lambda s: s.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id)))
-        return resp.adapter
+        return adapter_view(resp.adapter)
 
     async def unload_adapter(self, adapter_id: str) -> None:
         await self._all(lambda s: s.UnloadAdapter(pb.UnloadAdapterRequest(id=adapter_id)))
@@ -79,3 +80,16 @@ class ShardClients:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
+
+
+def adapter_view(a: pb.AdapterInfo) -> AdapterView:
+    """The shard's record as a router type, so that no shard message reaches the APIs."""
+    return AdapterView(
+        id=a.id,
+        tier=a.tier,
+        bytes=a.bytes,
+        rank=a.rank,
+        targets=tuple(a.targets),
+        requests=a.requests,
+        load_seconds=a.load_seconds,
+    )

@@ -53,10 +53,6 @@ class TextTokenizer:
             self._template = env.from_string(template)
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._template is not None
-
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
         bos = self.tokenizer.token_to_id(self.bos_token) if self.bos_token else None

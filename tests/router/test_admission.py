@@ -6,8 +6,9 @@ import asyncio
 import time
 from typing import Any
 
+from loraplex.router.inflight import InFlightRequest
 from loraplex.router.metrics import Metrics
-from loraplex.router.scheduler import Entry, Scheduler
+from loraplex.router.scheduler import Scheduler
 from loraplex.router.settings import RouterSettings
 from loraplex.router.shards import ShardClients
 from loraplex.router.validation import validate_parameters
@@ -15,17 +16,17 @@ from loraplex.router.validation import validate_parameters
 SETTINGS = RouterSettings(adapter_slot_patience=2.0)
 
 
-def _entry(adapter: str, waited: float = 0.0) -> Entry:
+def _entry(adapter: str, waited: float = 0.0) -> InFlightRequest:
     params = validate_parameters({"adapter_id": adapter, "max_new_tokens": 4}, SETTINGS)
-    entry = Entry([1, 2, 3], params, 4)
+    entry = InFlightRequest([1, 2, 3], params, 4)
     entry.queued_at = time.monotonic() - waited
     return entry
 
 
-def _scheduler(running: list[str], waiting: list[Entry]) -> Scheduler:
+def _scheduler(running: list[str], waiting: list[InFlightRequest]) -> Scheduler:
     # _admit is pure bookkeeping: the shard channel is never used, so it may point nowhere.
-    scheduler = Scheduler(ShardClients(["unix:///nonexistent.sock"]), None, SETTINGS, set(), Metrics())  # type: ignore[arg-type]
-    scheduler.adapter_slots = 2
+    shards = ShardClients(["unix:///nonexistent.sock"])
+    scheduler = Scheduler(shards, None, SETTINGS, set(), Metrics(), adapter_slots=2)  # type: ignore[arg-type]
     for i, adapter in enumerate(running):
         scheduler.running[1000 + i] = _entry(adapter)
     for i, e in enumerate(waiting):

@@ -1,0 +1,36 @@
+"""A generation request from admission to its last event: what the scheduler queues, batches and answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from loraplex.router.events import EndEvent, Event, TokenInfo
+from loraplex.router.validation import GenerateParameters
+
+
+class Overloaded(RuntimeError):
+    """More requests than --max-concurrent-requests are in flight."""
+
+
+@dataclass(eq=False)
+class InFlightRequest:
+    """One request, queued or running; its client reads ``events`` until an end or an error."""
+
+    input_ids: list[int]
+    params: GenerateParameters
+    max_new_tokens: int
+    id: int = 0
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    tokens: list[TokenInfo] = field(default_factory=list)
+    top_tokens: list[list[TokenInfo]] = field(default_factory=list)
+    prefill: list[TokenInfo] = field(default_factory=list)
+    text: str = ""
+    cancelled: bool = False
+    finished: bool = False
+    released: bool = False
+    end: EndEvent | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+    last_token_at: float = 0.0
