@@ -39,7 +39,7 @@ class DrainingServer(uvicorn.Server):
         if self.service.draining or self._loop is None:
             self.should_exit = self.force_exit = True
             return
-        self.service.draining = True
+        self.service.drain()
         log.info("draining", extra={"signal": signal.Signals(sig).name, "in_flight": self.service.in_flight})
         self._loop.call_soon_threadsafe(self._start_drain)
 

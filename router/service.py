@@ -46,7 +46,7 @@ class RouterService:
         self.model = model
         self._registry = registry
         self.tenants = tenants
-        self.draining = False  # set on SIGTERM: new work is refused, in-flight work finishes
+        self.draining = False
 
     @property
     def model_id(self) -> str:
@@ -59,6 +59,10 @@ class RouterService:
     @property
     def busy(self) -> bool:
         return self._scheduler.in_flight + self._registry.pending_loads > 0
+
+    def drain(self) -> None:
+        """From now on (SIGTERM) new work is refused and /health is 503; in-flight work finishes."""
+        self.draining = True
 
     async def run(self) -> None:
         """The batching loop; runs for the life of the server."""

@@ -65,7 +65,8 @@ def _service(up: bool = True, healthy: bool = True, draining: bool = False) -> R
     registry = SimpleNamespace(refs=Counter({"team/a": 2}))
     settings = RouterSettings(max_input_tokens=200, max_total_tokens=300)
     service = RouterService(scheduler, None, settings, ModelInfo("m", "float32", "cpu", 2), registry)  # type: ignore[arg-type]
-    service.draining = draining
+    if draining:
+        service.drain()
     return service
 
 
