@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from loraplex.common.defaults import MAX_BATCH_TOTAL_TOKENS
 from loraplex.common.flags import FlagParser
+from loraplex.common.shutdown import DRAIN_TIMEOUT, add_drain_timeout_flag
 
 
 @dataclass(frozen=True)
@@ -20,14 +22,14 @@ class RouterSettings:
     max_input_tokens: int = 1024
     max_total_tokens: int = 2048
     max_batch_prefill_tokens: int = 4096
-    max_batch_total_tokens: int = 32768
+    max_batch_total_tokens: int = MAX_BATCH_TOTAL_TOKENS
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_batch_size: int = 256
     waiting_served_ratio: float = 1.2
     adapter_slot_patience: float = 2.0
-    drain_timeout: float = 25.0
+    drain_timeout: float = DRAIN_TIMEOUT
     connect_timeout: float = 120.0
     max_body_bytes: int = 1 << 20
     api_keys_file: Path | None = None
@@ -55,12 +57,7 @@ def add_serving_flags(p: FlagParser) -> None:
         default=d.adapter_slot_patience,
         help="seconds a request for an adapter not on the device lets others overtake it",
     )
-    p.flag(
-        "--drain-timeout",
-        type=float,
-        default=d.drain_timeout,
-        help="on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before exiting",
-    )
+    add_drain_timeout_flag(p, "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before exiting")
     p.flag("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger HTTP bodies get 413")
     p.flag("--api-keys-file", type=Path, default=None)
     p.flag("--admin-token", default="")

@@ -9,8 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+from loraplex.common.defaults import MAX_BATCH_TOTAL_TOKENS
 from loraplex.common.flags import FlagParser, fail
 from loraplex.common.logs import setup_logging
+from loraplex.common.shutdown import SERVER_STOP_GRACE, add_drain_timeout_flag
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.shard.allocator import keep_freed_memory
 from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
@@ -38,7 +40,7 @@ def parser() -> FlagParser:
     )
     p.flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.flag("--device", default="cpu", help="cpu or cuda[:N]")
-    p.flag("--max-batch-total-tokens", type=int, default=32768, help="KV cache size in tokens")
+    p.flag("--max-batch-total-tokens", type=int, default=MAX_BATCH_TOTAL_TOKENS, help="KV cache size in tokens")
     p.flag("--block-size", env="KV_BLOCK_SIZE", type=int, default=16)
     p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
     p.flag(
@@ -52,7 +54,7 @@ def parser() -> FlagParser:
     p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree (number of shard processes)")
     p.flag("--master-addr", default="127.0.0.1", help="where rank 0 listens for the process group")
     p.flag("--master-port", type=int, default=29500)
-    p.flag("--drain-timeout", type=float, default=25.0, help="on SIGTERM, seconds to wait for cached batches to end")
+    add_drain_timeout_flag(p, "on SIGTERM, seconds to wait for cached batches to end")
     p.flag("--json-output", action="store_true", help="JSON log lines")
     return p
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.drain_timeout
     while service.stats()[2] and time.monotonic() < deadline:
         time.sleep(0.05)
-    server.stop(grace=5).wait()
+    server.stop(grace=SERVER_STOP_GRACE).wait()
     if args.listen.startswith("unix://"):
         Path(args.listen.removeprefix("unix://")).unlink(missing_ok=True)
     return 0

@@ -5,8 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag as it was declared, so that another parser can declare it again (the launcher's shard flags)."""
+
+    name: str
+    env: str
+    dest: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -16,14 +27,37 @@ class FlagParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._environ = environ
         self.env_names: dict[str, str] = {}
+        self.flags: dict[str, Flag] = {}
 
     def flag(self, name: str, *, env: str | None = None, **kwargs: Any) -> None:
         env = env or name.lstrip("-").replace("-", "_").upper()
         self.env_names[name] = env
         help_text = kwargs.pop("help", "")
-        self.add_argument(name, help=f"{help_text} [env {env}]".strip(), **kwargs)
+        action = self.add_argument(name, help=f"{help_text} [env {env}]".strip(), **kwargs)
+        self.flags[name] = Flag(name, env, action.dest, {**kwargs, "help": help_text})
 
-    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    def adopt(self, other: FlagParser, exclude: Collection[str] = ()) -> list[str]:
+        """Declare ``other``'s flags here too (twin, default, type, help), except ``exclude`` and those this
+        parser already has; returns the names it declared."""
+        adopted = []
+        for name, spec in other.flags.items():
+            if name not in exclude and name not in self.flags:
+                self.flag(name, env=spec.env, **spec.kwargs)
+                adopted.append(name)
+        return adopted
+
+    def to_argv(self, args: argparse.Namespace, names: Iterable[str]) -> list[str]:
+        """``args``' values of the flags ``names`` as command-line arguments for a parser that has those flags."""
+        argv = []
+        for name in names:
+            value = getattr(args, self.flags[name].dest)
+            if self.flags[name].kwargs.get("action") == "store_true":
+                argv += [name] if value else []
+            elif value is not None:
+                argv.append(f"{name}={value}")  # one token: a value may start with "-"
+        return argv
+
+    def _apply_environ(self) -> None:
         environ = os.environ if self._environ is None else self._environ
         for action in self._actions:
             for option in action.option_strings:
@@ -40,7 +74,15 @@ class FlagParser(argparse.ArgumentParser):
                             self.error(f"environment variable {env}={raw!r} is not a valid value for {option}")
                         if action.choices is not None and action.default not in action.choices:
                             self.error(f"environment variable {env}={raw!r} is not one of {list(action.choices)}")
+
+    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        self._apply_environ()
         return self.parse_args(argv)
+
+    def parse_known(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """As ``parse``, leaving alone the arguments of flags this parser does not declare."""
+        self._apply_environ()
+        return self.parse_known_args(argv)[0]
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
