@@ -22,20 +22,24 @@ from loraplex.bench.floor import read_bandwidth
 from loraplex.shard.embedded import embedded_model_dir
 from loraplex.shard.lora.adapter import LoraAdapter
 from loraplex.shard.lora.store import AdapterStore
-from loraplex.shard.runner import ModelRunner, Sequence, build_runner, parse_dtype
+from loraplex.shard.runner import ModelRunner, SequenceState, build_runner, parse_dtype
 
 
-def make_batch(runner: ModelRunner, adapters: list[LoraAdapter | None], prompt_len: int, seed: int) -> list[Sequence]:
+def make_batch(
+    runner: ModelRunner, adapters: list[LoraAdapter | None], prompt_len: int, seed: int
+) -> list[SequenceState]:
     gen = torch.Generator().manual_seed(seed)
     vocab = runner.model.config.vocab_size
-    seqs = [Sequence(i, torch.randint(vocab, (prompt_len,), generator=gen).tolist(), a) for i, a in enumerate(adapters)]
+    seqs = [
+        SequenceState(i, torch.randint(vocab, (prompt_len,), generator=gen).tolist(), a) for i, a in enumerate(adapters)
+    ]
     logits = runner.prefill(seqs)
     for s, t in zip(seqs, logits.argmax(-1).tolist(), strict=True):
         s.token_ids.append(t)
     return seqs
 
 
-def step(runner: ModelRunner, seqs: list[Sequence]) -> float:
+def step(runner: ModelRunner, seqs: list[SequenceState]) -> float:
     start = time.perf_counter()
     logits = runner.decode(seqs)
     elapsed = time.perf_counter() - start

@@ -25,9 +25,9 @@ from loraplex.kernels import cuda
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.kv_cache import KVCache
 from loraplex.shard.lora.adapter import LoraAdapter, ProjectionWeights
-from loraplex.shard.lora.config import PROJECTIONS
 from loraplex.shard.model import CausalLM
-from loraplex.shard.runner import ModelRunner, Sequence
+from loraplex.shard.projections import PROJECTIONS
+from loraplex.shard.runner import ModelRunner, SequenceState
 
 MISTRAL_7B = {
     "architectures": ["MistralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
@@ -42,7 +42,7 @@ def random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], see
     gen = torch.Generator(device="cuda").manual_seed(seed)
     projections = {}
     for proj in targets:
-        in_f, out_f = config.projection_shape(proj)
+        in_f, out_f = PROJECTIONS[proj].shape(config)
         a_t = (torch.randn(config.num_layers, rank, in_f, generator=gen, device="cuda") / in_f**0.5).bfloat16()
         b = (torch.randn(config.num_layers, rank, out_f, generator=gen, device="cuda") * 0.01).bfloat16()
         projections[proj] = ProjectionWeights(
@@ -54,7 +54,7 @@ def random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], see
 
 def decode_seconds(runner: ModelRunner, adapters: list[LoraAdapter | None], steps: int) -> float:
     """Median seconds of one decode step over a batch with 128-token prompts, one row per adapter."""
-    seqs = [Sequence(i, [(7 * i + j) % 32000 for j in range(128)], a) for i, a in enumerate(adapters)]
+    seqs = [SequenceState(i, [(7 * i + j) % 32000 for j in range(128)], a) for i, a in enumerate(adapters)]
     runner.prefill(seqs)
     times = []
     for step in range(steps):

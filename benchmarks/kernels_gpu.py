@@ -1,7 +1,8 @@
 """SGMV/BGMV kernels on the GPU, side by side: the kernels, a per-segment torch loop, gather + torch.bmm.
 
-Run (NVIDIA GPU, CuPy): ``python3 benchmarks/kernels_gpu.py [--json out.json]``. Bandwidth is counted
-with KERNELS.md's roofline bytes (what the kernels must move) against a measured device-to-device copy.
+Run (NVIDIA GPU, CuPy): ``python3 benchmarks/kernels_gpu.py [--json out.json]``. Bandwidth counts the
+bytes the kernels must move (``moved`` in ``case``; the kernels are described in docs/kernels.md) against a
+measured device-to-device copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loraplex.kernels import cuda
+from loraplex.kernels.segments import Segments, SegmentWeights
 
 DTYPE = torch.bfloat16
 
@@ -56,14 +58,13 @@ def case(name: str, segments: list[int], h: int, rank: int) -> dict[str, Any]:
     b = torch.randn(s, rank, h, generator=gen, device="cuda").to(DTYPE)
     x = torch.randn(total, h, generator=gen, device="cuda").to(DTYPE)
     y = torch.zeros(total, h, device="cuda", dtype=DTYPE)
-    segs = cuda.Segments.build(members, [rank] * s, torch.device("cuda"))
-    step = rank * h * a_t.element_size()
-    a_ptrs = torch.tensor([a_t.data_ptr() + i * step for i in range(s)], dtype=torch.int64, device="cuda")
-    b_ptrs = torch.tensor([b.data_ptr() + i * step for i in range(s)], dtype=torch.int64, device="cuda")
+    segs = Segments.build(members, [rank] * s, torch.device("cuda"))
+    a_w = SegmentWeights.of([a_t[i : i + 1] for i in range(s)])  # one layer per segment
+    b_w = SegmentWeights.of([b[i : i + 1] for i in range(s)])
     seg_of_row = torch.tensor([i for i, n in enumerate(segments) for _ in range(n)], device="cuda")
 
     def kernel() -> None:
-        cuda.expand(y, cuda.shrink(x, segs, a_ptrs), segs, b_ptrs)
+        cuda.expand(y, cuda.shrink(x, segs, a_w, 0), segs, b_w, 0)
 
     def loop() -> None:
         for i, rows in enumerate(members):

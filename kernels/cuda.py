@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from loraplex.kernels.segments import Segments, SegmentWeights
 
 SOURCE = Path(__file__).with_name("lora_sgmv.cu")
 THREADS = 256  # kWarps * 32 in the source
@@ -54,46 +55,20 @@ def warm_up() -> None:
             _function("expand", dtype, tok)
 
 
-@dataclass(frozen=True)
-class Segments:
-    """One projection's segments, on the device: which rows, which weights, which rank."""
-
-    rows: torch.Tensor  # int32 [n], batch rows in segment order
-    indptr: torch.Tensor  # int32 [S + 1]
-    ranks: torch.Tensor  # int32 [S]
-    longest: int  # tokens in the longest segment (sets the grid)
-    max_rank: int
-
-    @classmethod
-    def build(cls, members: list[list[int]], ranks: list[int], device: torch.device) -> Segments:
-        """``members[s]`` are the batch rows of segment s, ``ranks[s]`` its rank."""
-        if any(r > MAX_RANK or r < 1 for r in ranks):
-            raise KernelError(f"ranks must be 1..{MAX_RANK}, got {ranks}")
-        indptr = np.zeros(len(members) + 1, dtype=np.int32)
-        indptr[1:] = np.cumsum([len(m) for m in members])
-        flat = [r for m in members for r in m]
-        pinned = torch.cuda.is_available() and torch.device(device).type == "cuda"
-
-        def upload(values: Any) -> torch.Tensor:
-            host = torch.as_tensor(np.asarray(values, dtype=np.int32))
-            return host.pin_memory().to(device, non_blocking=True) if pinned else host.to(device)
-
-        return cls(upload(flat), upload(indptr), upload(ranks), max((len(m) for m in members), default=0), max(ranks))
-
-    @property
-    def num_segments(self) -> int:
-        return int(self.ranks.shape[0])
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.rows.shape[0])
-
-
 def _check(x: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> None:
     if not x.is_cuda:
         raise KernelError(f"{name} must be on a CUDA device")
     if dtype is not None and x.dtype != dtype:
         raise KernelError(f"{name} must be {dtype}, got {x.dtype}")
+
+
+def _check_segments(segs: Segments, weights: SegmentWeights, layer: int) -> torch.Tensor:
+    """The layer's pointer row, after checking what the kernels cannot take."""
+    if segs.max_rank > MAX_RANK:
+        raise KernelError(f"ranks must be 1..{MAX_RANK}, got {segs.max_rank}")
+    pointers = weights.pointers[layer]
+    _check(pointers, "weight pointers", torch.int64)
+    return pointers
 
 
 def _row_major(t: torch.Tensor, name: str) -> int:
@@ -103,15 +78,15 @@ def _row_major(t: torch.Tensor, name: str) -> int:
     return int(t.stride(0))
 
 
-def shrink(x: torch.Tensor, segs: Segments, a_ptrs: torch.Tensor) -> torch.Tensor:
+def shrink(x: torch.Tensor, segs: Segments, a: SegmentWeights, layer: int) -> torch.Tensor:
     """``v[i, :r_s] = x[rows[i]] · A_s`` for every listed row; returns float32 ``[n, max_rank]``.
 
-    ``a_ptrs`` (int64 [S], on the device) point at each segment's ``A^T`` ([rank, h_in], contiguous, x's dtype).
+    ``a`` holds each segment's ``A^T`` ([layers, rank, h_in], contiguous, x's dtype) on the device.
     """
+    a_ptrs = _check_segments(segs, a, layer)
     if x.dtype not in _TYPES:
         raise KernelError(f"x must be float16 or bfloat16, got {x.dtype}")
     _check(x, "x")
-    _check(a_ptrs, "a_ptrs", torch.int64)
     ldx = _row_major(x, "x")
     v = torch.zeros(segs.num_rows, segs.max_rank, dtype=torch.float32, device=x.device)
     if segs.num_rows == 0:
@@ -127,17 +102,17 @@ def shrink(x: torch.Tensor, segs: Segments, a_ptrs: torch.Tensor) -> torch.Tenso
     return v
 
 
-def expand(y: torch.Tensor, v: torch.Tensor, segs: Segments, b_ptrs: torch.Tensor) -> None:
+def expand(y: torch.Tensor, v: torch.Tensor, segs: Segments, b: SegmentWeights, layer: int) -> None:
     """``y[rows[i]] += v[i, :r_s] · B_s`` in place; rows in no segment are left untouched.
 
-    ``y`` may be a column slice of a wider output (its rows strided); ``b_ptrs`` point at each segment's
-    ``B`` ([rank, h_out], contiguous, y's dtype, scaling folded in).
+    ``y`` may be a column slice of a wider output (its rows strided); ``b`` holds each segment's ``B``
+    ([layers, rank, h_out], contiguous, y's dtype, scaling folded in) on the device.
     """
+    b_ptrs = _check_segments(segs, b, layer)
     if y.dtype not in _TYPES:
         raise KernelError(f"y must be float16 or bfloat16, got {y.dtype}")
     _check(y, "y")
     _check(v, "v", torch.float32)
-    _check(b_ptrs, "b_ptrs", torch.int64)
     ldy = _row_major(y, "y")
     if not v.is_contiguous() or v.shape != (segs.num_rows, segs.max_rank):
         raise KernelError(f"v must be contiguous [{segs.num_rows}, {segs.max_rank}], got {tuple(v.shape)}")

@@ -1,10 +1,12 @@
-"""Per-row adapter keys turned into segments: rows grouped by adapter, cut into equal-length chunks."""
+"""A batch's rows grouped by adapter (segments), and each segment's weights: what every LoRA op reads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 # Cost of one extra chunk (reading one more copy of an adapter's weights) in units of one padded row
@@ -13,24 +15,103 @@ _CHUNK_COST_IN_ROWS = 8
 
 
 @dataclass(frozen=True)
-class SegmentLayout:
-    """Where each taking-part batch row sits in a padded ``[num_chunks, chunk_len]`` layout.
+class Segments:
+    """Batch rows grouped by adapter: segment ``s`` is ``rows[indptr[s]:indptr[s + 1]]``, of rank ``ranks[s]``.
 
-    Every chunk holds rows of one segment key (one adapter), so one weight matrix serves a chunk and
-    the whole batch is one batched matmul.  ``identity`` says that the layout is the batch itself
-    (every row takes part, in order, one row per chunk or one chunk), so no gather is needed.
+    Rows keep batch order inside a segment; rows in no segment take no part. The CUDA kernels read
+    ``rows``/``indptr``/``ranks``; the batched-matmul path reads the chunk layout: each segment cut into
+    chunks of ``chunk_len`` rows, one adapter a chunk, so one weight matrix serves a chunk and the whole
+    batch is one ``bmm``. ``slots[i]`` is where row ``rows[i]`` sits in the padded ``[num_chunks *
+    chunk_len]`` layout; ``identity`` says that layout is the batch itself (every row takes part, in
+    order, with no padding), so no gather is needed.
     """
 
-    rows: torch.Tensor
-    slots: torch.Tensor
-    chunk_keys: tuple[int, ...]
+    rows: torch.Tensor  # int32 [n]
+    indptr: torch.Tensor  # int32 [S + 1]
+    ranks: torch.Tensor  # int32 [S]
+    longest: int  # rows in the longest segment
+    max_rank: int
+    num_batch_rows: int
     chunk_len: int
-    num_rows: int
+    chunk_segments: tuple[int, ...]  # the segment of each chunk
+    slots: torch.Tensor  # int32 [n]
     identity: bool
 
     @property
+    def num_segments(self) -> int:
+        return int(self.ranks.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        """Rows that take part (the batch may hold more)."""
+        return int(self.rows.shape[0])
+
+    @property
     def num_chunks(self) -> int:
-        return len(self.chunk_keys)
+        return len(self.chunk_segments)
+
+    @classmethod
+    def build(
+        cls,
+        members: Sequence[Sequence[int]],
+        ranks: Sequence[int],
+        device: torch.device | str = "cpu",
+        num_batch_rows: int | None = None,
+    ) -> Segments:
+        """``members[s]`` are the batch rows of segment s, ``ranks[s]`` its rank; the batch has
+        ``num_batch_rows`` rows (by default one past the highest member)."""
+        if len(members) != len(ranks):
+            raise ValueError(f"{len(members)} segments but {len(ranks)} ranks")
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"ranks must be at least 1, got {list(ranks)}")
+        flat = [r for m in members for r in m]
+        batch = num_batch_rows if num_batch_rows is not None else max(flat, default=-1) + 1
+        indptr = np.zeros(len(members) + 1, dtype=np.int32)
+        indptr[1:] = np.cumsum([len(m) for m in members])
+        lengths = [len(m) for m in members if m]
+        chunk_len = _best_chunk_len(lengths) if lengths else 1
+        slots: list[int] = []
+        chunk_segments: list[int] = []
+        for s, rows in enumerate(members):
+            for start in range(0, len(rows), chunk_len):
+                base = len(chunk_segments) * chunk_len
+                slots.extend(range(base, base + len(rows[start : start + chunk_len])))
+                chunk_segments.append(s)
+        # Rows in order and no padding anywhere: the batch already is the layout.
+        identity = bool(flat) and len(chunk_segments) * chunk_len == batch and flat == list(range(batch)) == slots
+        pinned = torch.cuda.is_available() and torch.device(device).type == "cuda"
+
+        def upload(values: Any) -> torch.Tensor:
+            host = torch.as_tensor(np.asarray(values, dtype=np.int32))
+            return host.pin_memory().to(device, non_blocking=True) if pinned else host.to(device)
+
+        return cls(
+            rows=upload(flat),
+            indptr=upload(indptr),
+            ranks=upload(list(ranks)),
+            longest=max(lengths, default=0),
+            max_rank=max(ranks, default=0),
+            num_batch_rows=batch,
+            chunk_len=chunk_len,
+            chunk_segments=tuple(chunk_segments),
+            slots=upload(slots),
+            identity=identity,
+        )
+
+    @classmethod
+    def from_keys(
+        cls, keys: Sequence[int], ranks: Mapping[int, int] | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[Segments, list[int]]:
+        """Rows grouped by ``keys[row]`` (negative: no segment), segments in order of their key's first
+        appearance; returns the segments and the key of each. ``ranks`` by key (default 1)."""
+        order: dict[int, list[int]] = {}
+        for row, key in enumerate(keys):
+            if key >= 0:
+                order.setdefault(key, []).append(row)
+        seg_keys = list(order)
+        rank_of = ranks or {}
+        segs = cls.build(list(order.values()), [rank_of.get(k, 1) for k in seg_keys], device, len(keys))
+        return segs, seg_keys
 
 
 def _best_chunk_len(lengths: Sequence[int]) -> int:
@@ -48,37 +129,28 @@ def _best_chunk_len(lengths: Sequence[int]) -> int:
         c = min(2 * c, longest)
 
 
-def segment_layout(keys: Sequence[int], device: torch.device | str = "cpu") -> SegmentLayout:
-    """Group rows by key (negative keys take no part) into chunks of one key each.
+@dataclass(frozen=True)
+class SegmentWeights:
+    """One half (A or B) of every segment's LoRA over all layers, as the ops read it: the tensors, for the
+    PyTorch reference, and each layer's matrix address on the device, for the kernels. Nothing is copied.
 
-    Segments keep the order in which their keys first appear, and rows keep batch order inside a segment.
+    ``stacks[s]`` is segment s's ``[num_layers, rank_s, features]`` tensor, contiguous: ``A^T`` (features
+    = the input's) for the shrink, ``B`` with the scaling folded in (features = the output's) for the expand.
     """
-    order: dict[int, list[int]] = {}
-    for row, key in enumerate(keys):
-        if key >= 0:
-            order.setdefault(key, []).append(row)
-    num_rows = len(keys)
-    if not order:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return SegmentLayout(empty, empty, (), 1, num_rows, False)
-    chunk_len = _best_chunk_len([len(r) for r in order.values()])
-    rows: list[int] = []
-    slots: list[int] = []
-    chunk_keys: list[int] = []
-    for key, members in order.items():
-        for start in range(0, len(members), chunk_len):
-            part = members[start : start + chunk_len]
-            base = len(chunk_keys) * chunk_len
-            rows.extend(part)
-            slots.extend(range(base, base + len(part)))
-            chunk_keys.append(key)
-    # Rows in order and no padding anywhere: the batch already is the layout.
-    identity = len(chunk_keys) * chunk_len == num_rows and rows == list(range(num_rows)) and slots == rows
-    return SegmentLayout(
-        rows=torch.tensor(rows, dtype=torch.long, device=device),
-        slots=torch.tensor(slots, dtype=torch.long, device=device),
-        chunk_keys=tuple(chunk_keys),
-        chunk_len=chunk_len,
-        num_rows=num_rows,
-        identity=identity,
-    )
+
+    stacks: tuple[torch.Tensor, ...]
+    pointers: torch.Tensor  # int64 [num_layers, S], on the stacks' device
+
+    @classmethod
+    def of(cls, stacks: Sequence[torch.Tensor], device: torch.device | str | None = None) -> SegmentWeights:
+        """Weights of ``stacks`` (one per segment, all with the same number of layers)."""
+        rows = []
+        for t in stacks:
+            if t.dim() != 3 or not t.is_contiguous():
+                raise ValueError(f"segment weights must be contiguous [layers, rank, features], got {tuple(t.shape)}")
+            step = t.stride(0) * t.element_size()
+            rows.append([t.data_ptr() + layer * step for layer in range(t.shape[0])])
+        where = device if device is not None else (stacks[0].device if stacks else "cpu")
+        table = torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros(0, 0, dtype=torch.int64)
+        pointers = table.t().contiguous().to(where)
+        return cls(tuple(stacks), pointers)

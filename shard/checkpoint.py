@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loraplex.shard.hub import HubError, hub_snapshot
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -24,17 +26,9 @@ def resolve_model_dir(model_id: str) -> Path:
         return local
     if local.is_absolute() or model_id.startswith((".", "~")):
         raise CheckpointError(f"model directory {model_id} does not exist")
-    from huggingface_hub import snapshot_download  # imported here: only hub ids need it
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
-        return Path(
-            snapshot_download(
-                model_id,
-                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"],
-            )
-        )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        return hub_snapshot(model_id, ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"])
+    except HubError as exc:
         raise CheckpointError(
             f"model {model_id!r} is neither a local directory nor reachable on the hub: {exc}"
         ) from exc

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraplex.shard.projections import PROJECTIONS
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -47,18 +49,8 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def projection_shape(self, name: str) -> tuple[int, int]:
-        """(in_features, out_features) of one of the seven adaptable projections."""
-        h, i = self.hidden_size, self.intermediate_size
-        shapes = {
-            "q_proj": (h, self.q_size),
-            "k_proj": (h, self.kv_size),
-            "v_proj": (h, self.kv_size),
-            "o_proj": (self.q_size, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-        return shapes[name]
+        """(in_features, out_features) of one of the seven adaptable projections (``shard/projections.py``)."""
+        return PROJECTIONS[name].shape(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

@@ -18,6 +18,7 @@ from loraplex.shard.allocator import keep_freed_memory
 from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
 from loraplex.shard.config import ModelConfig, ModelConfigError
 from loraplex.shard.embedded import EmbeddedModelError, embedded_model_dir
+from loraplex.shard.engine import ShardEngine
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.lora.sources import parse_adapter_specs, resolve_adapter_source
@@ -25,8 +26,7 @@ from loraplex.shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
 from loraplex.shard.model_thread import ModelThread
 from loraplex.shard.parallel import TensorParallel, init_tensor_parallel, rank_device
 from loraplex.shard.runner import build_runner, parse_dtype
-from loraplex.shard.server import ShardServicer, serve
-from loraplex.shard.service import ShardService
+from loraplex.shard.server import EngineServicer, serve
 
 log = logging.getLogger("loraplex.shard")
 
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             max_active=args.max_active_adapters,
             max_host=max(args.max_cpu_adapters, len(specs) - args.max_active_adapters),
             on_evict=runner.forget_plan,
+            pace=model_thread.between_steps,
         )
         for name, source in specs:
             try:
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         max_cpu_adapters=store.max_host,
     )
     try:
-        service = ShardService(runner, store, model_thread)
-        server = serve(ShardServicer(service, info), args.listen)
+        service = ShardEngine(runner, store, model_thread)
+        server = serve(EngineServicer(service, info), args.listen)
     except OSError as exc:
         fail("loraplex-shard", str(exc))
     log.info(

@@ -15,6 +15,7 @@ from loraplex.shard.kv_cache import KVCache
 from loraplex.shard.layers import Rotary, apply_rotary, rms_norm
 from loraplex.shard.lora.plan import LoraPlan
 from loraplex.shard.parallel import TensorParallel
+from loraplex.shard.projections import SITES
 
 
 @dataclass
@@ -71,47 +72,36 @@ class CausalLM:
         def t(reader: TensorReader, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
             return reader.get_part(name, rows, cols).to(device=device, dtype=dtype)
 
-        def col(reader: TensorReader, name: str, proj: str) -> torch.Tensor:
-            return t(reader, name, rows=tp.out_slice(proj, config))
+        def fused(reader: TensorReader, prefix: str, site: str) -> torch.Tensor:
+            """The site's projections stacked on the output dim, each cut to this rank's part."""
+            parts = [t(reader, f"{prefix}{p.module}.{p.name}.weight", *tp.weight_part(p, config)) for p in SITES[site]]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        def row(reader: TensorReader, name: str, proj: str) -> torch.Tensor:
-            return t(reader, name, cols=tp.in_slice(proj, config))
-
-        def optional(reader: TensorReader, names: list[str], projs: list[str]) -> torch.Tensor | None:
+        def fused_bias(reader: TensorReader, prefix: str, site: str) -> torch.Tensor | None:
+            """A column-parallel site's biases, stacked like its weights (None unless every projection has one)."""
+            projs = SITES[site]
+            names = [f"{prefix}{p.module}.{p.name}.bias" for p in projs]
             if not all(n in reader for n in names):
                 return None
-            return torch.cat([col(reader, n, p) for n, p in zip(names, projs, strict=True)])
+            return torch.cat([t(reader, n, tp.weight_part(p, config)[0]) for n, p in zip(names, projs, strict=True)])
 
         with TensorReader(directory) as reader:
             layers = []
             for i in range(config.num_layers):
                 p = f"model.layers.{i}."
-                attn, mlp = p + "self_attn.", p + "mlp."
+                down_bias = f"{p}mlp.down_proj.bias"
                 layers.append(
                     LayerWeights(
                         input_norm=t(reader, p + "input_layernorm.weight"),
-                        qkv=torch.cat([col(reader, f"{attn}{x}_proj.weight", f"{x}_proj") for x in "qkv"]),
-                        qkv_bias=optional(
-                            reader, [f"{attn}{x}_proj.bias" for x in "qkv"], [f"{x}_proj" for x in "qkv"]
-                        ),
-                        o=row(reader, attn + "o_proj.weight", "o_proj"),
+                        qkv=fused(reader, p, "qkv"),
+                        qkv_bias=fused_bias(reader, p, "qkv"),
+                        o=fused(reader, p, "o"),
                         post_norm=t(reader, p + "post_attention_layernorm.weight"),
-                        gate_up=torch.cat(
-                            [
-                                col(reader, mlp + "gate_proj.weight", "gate_proj"),
-                                col(reader, mlp + "up_proj.weight", "up_proj"),
-                            ]
-                        ),
-                        gate_up_bias=optional(
-                            reader, [mlp + "gate_proj.bias", mlp + "up_proj.bias"], ["gate_proj", "up_proj"]
-                        ),
-                        down=row(reader, mlp + "down_proj.weight", "down_proj"),
+                        gate_up=fused(reader, p, "gate_up"),
+                        gate_up_bias=fused_bias(reader, p, "gate_up"),
+                        down=fused(reader, p, "down"),
                         # A row-parallel bias is added once, by rank 0, before the partial sums meet.
-                        down_bias=(
-                            t(reader, mlp + "down_proj.bias")
-                            if mlp + "down_proj.bias" in reader and tp.rank == 0
-                            else None
-                        ),
+                        down_bias=t(reader, down_bias) if down_bias in reader and tp.rank == 0 else None,
                     )
                 )
             embed = t(reader, "model.embed_tokens.weight")
@@ -131,17 +121,21 @@ class CausalLM:
         def ones(n: int) -> torch.Tensor:
             return torch.ones(n, device=device, dtype=dtype)
 
-        h, i = config.hidden_size, config.intermediate_size
+        def fused(site: str) -> torch.Tensor:
+            projs = SITES[site]
+            return w(sum(p.shape(config)[1] for p in projs), projs[0].shape(config)[0])
+
+        h = config.hidden_size
         layers = [
             LayerWeights(
                 input_norm=ones(h),
-                qkv=w(config.q_size + 2 * config.kv_size, h),
+                qkv=fused("qkv"),
                 qkv_bias=None,
-                o=w(h, config.q_size),
+                o=fused("o"),
                 post_norm=ones(h),
-                gate_up=w(2 * i, h),
+                gate_up=fused("gate_up"),
                 gate_up_bias=None,
-                down=w(h, i),
+                down=fused("down"),
                 down_bias=None,
             )
             for _ in range(config.num_layers)

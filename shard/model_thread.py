@@ -19,10 +19,13 @@ class ModelThread:
     futex wake-up. gRPC hands each call to whichever worker thread is free, so model work spread over
     them ran 17-20 % slower per decode step than the same work on one thread (SmolLM2, batch 64, 2 cores:
     207-221 ms against 170-186 ms; ``docs/architecture.md``). Adapter loads run their pieces here too
-    (``ShardService``), so no other thread ever starts a parallel torch op.
+    (``between_steps``), so no other thread ever starts a parallel torch op.
+
+    ``lock`` is the model lock: work that changes or reads the engine's batches holds it (``ShardEngine``).
     """
 
     def __init__(self, name: str = "model") -> None:
+        self.lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -43,6 +46,16 @@ class ModelThread:
         future: Future[T] = Future()
         self._jobs.put((lambda: fn(*args, **kwargs), future))
         return future.result()
+
+    def between_steps(self, piece: Callable[[], T]) -> T:
+        """Run one piece of an adapter load here, under the model lock: it then fits between two forward
+        steps with all cores, and never starts a second OpenMP team elsewhere (an ``AdapterStore``'s pace)."""
+
+        def locked() -> T:
+            with self.lock:
+                return piece()
+
+        return self.call(locked)
 
     def stop(self) -> None:
         self._jobs.put(None)

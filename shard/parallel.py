@@ -10,10 +10,7 @@ import torch
 import torch.distributed as dist
 
 from loraplex.shard.config import ModelConfig
-
-# Column-parallel projections split their output features; row-parallel ones split their input features.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
+from loraplex.shard.projections import Projection
 
 
 class ParallelError(ValueError):
@@ -55,24 +52,19 @@ class TensorParallel:
         head = self.rank * total // self.world
         return range(head, head + 1)
 
-    def out_slice(self, proj: str, config: ModelConfig) -> slice:
-        """Rows (output features) of a column-parallel projection this rank holds."""
-        d = config.head_dim
-        if proj == "q_proj":
-            r = self._heads(config.num_heads, config)
-            return slice(r.start * d, r.stop * d)
-        if proj in ("k_proj", "v_proj"):
-            r = self._heads(config.num_kv_heads, config)
-            return slice(r.start * d, r.stop * d)
-        per = config.intermediate_size // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+    def weight_part(self, proj: Projection, config: ModelConfig) -> tuple[slice | None, slice | None]:
+        """(rows, cols) of the ``[out_features, in_features]`` weight this rank holds: a column-parallel
+        projection keeps its slice of output rows, a row-parallel one its slice of input columns."""
+        part = self._part(proj, config)
+        return (part, None) if proj.parallel == "column" else (None, part)
 
-    def in_slice(self, proj: str, config: ModelConfig) -> slice:
-        """Columns (input features) of a row-parallel projection this rank holds."""
-        if proj == "o_proj":
-            return self.out_slice("q_proj", config)
-        per = config.intermediate_size // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+    def _part(self, proj: Projection, config: ModelConfig) -> slice:
+        """Features of the split dimension this rank holds: its query heads, its KV heads or its MLP slice."""
+        if proj.split_dim == "mlp":
+            per = config.intermediate_size // self.world
+            return slice(self.rank * per, (self.rank + 1) * per)
+        r = self._heads(config.num_heads if proj.split_dim == "q" else config.num_kv_heads, config)
+        return slice(r.start * config.head_dim, r.stop * config.head_dim)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum partial row-parallel outputs over the ranks (float32 on the wire: gloo has no bfloat16)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,14 +12,13 @@ from loraplex.shard.attention import AttentionInput
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.kv_cache import KVCache, KVCacheFull
 from loraplex.shard.lora.adapter import LoraAdapter
-from loraplex.shard.lora.cuda_plan import make_plan
-from loraplex.shard.lora.plan import LoraPlan
+from loraplex.shard.lora.plan import LoraPlan, make_plan
 from loraplex.shard.model import CausalLM
 from loraplex.shard.parallel import TensorParallel
 
 
 @dataclass(eq=False)
-class Sequence:
+class SequenceState:
     """One request's tokens and KV blocks; tokens past ``num_cached`` are waiting to be run."""
 
     request_id: int
@@ -53,7 +52,7 @@ class ModelRunner:
         self._plan: LoraPlan | None = None
 
     @torch.inference_mode()
-    def prefill(self, seqs: Seq[Sequence], all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, seqs: Sequence[SequenceState], all_logits: bool = False) -> torch.Tensor:
         """Run every token of fresh sequences; logits of each last token ([B, V]) or of all tokens ([T, V])."""
         if any(s.num_cached for s in seqs) or any(not s.token_ids for s in seqs):
             raise ValueError("prefill takes fresh, non-empty sequences")
@@ -85,7 +84,7 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
+    def decode(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
         """Run the one pending token of every sequence; logits [B, V]."""
         if any(s.pending != 1 or s.num_cached == 0 for s in seqs):
             raise ValueError("decode takes prefilled sequences with exactly one new token each")
@@ -117,12 +116,12 @@ class ModelRunner:
             s.num_cached += 1
         return logits
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: SequenceState) -> None:
         """Give a finished sequence's KV blocks back at once."""
         self.cache.allocator.free(seq.blocks)
         seq.num_cached = 0
 
-    def _reserve(self, seqs: Seq[Sequence]) -> None:
+    def _reserve(self, seqs: Sequence[SequenceState]) -> None:
         alloc = self.cache.allocator
         needed = sum(max(0, alloc.blocks_for(len(s.token_ids)) - len(s.blocks)) for s in seqs)
         if needed > alloc.num_free:
@@ -130,7 +129,7 @@ class ModelRunner:
         for s in seqs:
             alloc.grow(s.blocks, len(s.token_ids))
 
-    def _slots(self, seqs: Seq[Sequence], spans: list[range]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slots(self, seqs: Sequence[SequenceState], spans: list[range]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.cache.block_size
         blocks = [s.blocks[p // bs] for s, span in zip(seqs, spans, strict=True) for p in span]
         offsets = [p % bs for span in spans for p in span]
@@ -157,7 +156,7 @@ class ModelRunner:
 
     def generate_greedy(
         self,
-        requests: Seq[tuple[list[int], LoraAdapter | None]],
+        requests: Sequence[tuple[list[int], LoraAdapter | None]],
         max_new_tokens: int,
         prefill_batch: int | None = None,
     ) -> list[list[int]]:
@@ -170,7 +169,7 @@ class ModelRunner:
             raise ValueError("generate_greedy needs at least one request")
         if prefill_batch is not None and prefill_batch < 1:
             raise ValueError(f"prefill_batch must be at least 1, not {prefill_batch}")
-        seqs = [Sequence(i, list(ids), adapter) for i, (ids, adapter) in enumerate(requests)]
+        seqs = [SequenceState(i, list(ids), adapter) for i, (ids, adapter) in enumerate(requests)]
         size = prefill_batch or len(seqs)
         try:
             logits = torch.cat([self.prefill(seqs[i : i + size]) for i in range(0, len(seqs), size)])

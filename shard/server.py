@@ -1,4 +1,4 @@
-"""The shard's gRPC servicer: translates protobuf to ``ShardService`` calls and errors to status codes."""
+"""The shard's gRPC servicer: translates protobuf to ``ShardEngine`` calls and errors to status codes."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import grpc
 
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
+from loraplex.shard.engine import BatchError, Generation, NewRequest, ShardEngine
 from loraplex.shard.kv_cache import KVCacheFull
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.store import AdapterRecord
 from loraplex.shard.sampling import SamplingParams
-from loraplex.shard.service import BatchError, Generation, NewRequest, ShardService
 
 _ADAPTER_CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
@@ -76,18 +76,18 @@ def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
     )
 
 
-class ShardServicer(pb_grpc.ShardServicer):
-    """Thin: every method is conversion around one ``ShardService`` call."""
+class EngineServicer(pb_grpc.ShardServicer):
+    """The gRPC face of a ``ShardEngine``, thin: every method is conversion around one engine call."""
 
-    def __init__(self, service: ShardService, info: pb.InfoResponse) -> None:
-        self.service = service
+    def __init__(self, engine: ShardEngine, info: pb.InfoResponse) -> None:
+        self.engine = engine
         self.info = info
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         return self.info
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
-        used, free, batches, requests = self.service.stats()
+        used, free, batches, requests = self.engine.stats()
         return pb.HealthResponse(
             kv_blocks_used=used, kv_blocks_free=free, cached_batches=batches, cached_requests=requests
         )
@@ -96,9 +96,9 @@ class ShardServicer(pb_grpc.ShardServicer):
         size, length = max(1, request.batch_size), max(1, request.input_length)
         reqs = [NewRequest(2**63 + i, [1] * length) for i in range(size)]
         with _status(context):
-            self.service.prefill(2**63, reqs)
-            self.service.decode([2**63])
-            self.service.clear(2**63)
+            self.engine.prefill(2**63, reqs)
+            self.engine.decode([2**63])
+            self.engine.clear(2**63)
         return pb.WarmupResponse()
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
@@ -107,7 +107,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             for r in request.batch.requests
         ]
         with _status(context):
-            gens = self.service.prefill(request.batch.id, reqs)
+            gens = self.engine.prefill(request.batch.id, reqs)
         ids = [r.request_id for r in reqs]
         return pb.PrefillResponse(
             generations=[_generation(g) for g in gens], batch=pb.CachedBatch(id=request.batch.id, request_ids=ids)
@@ -115,7 +115,7 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
         with _status(context):
-            batch_id, gens = self.service.decode([b.id for b in request.batches])
+            batch_id, gens = self.engine.decode([b.id for b in request.batches])
         return pb.DecodeResponse(
             generations=[_generation(g) for g in gens],
             batch=pb.CachedBatch(id=batch_id, request_ids=[g.request_id for g in gens]),
@@ -123,15 +123,15 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def FilterBatch(self, request: pb.FilterBatchRequest, context: grpc.ServicerContext) -> pb.FilterBatchResponse:
         with _status(context):
-            kept = self.service.filter(request.batch_id, list(request.request_ids))
+            kept = self.engine.filter(request.batch_id, list(request.request_ids))
         return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id, request_ids=kept))
 
     def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
-        self.service.clear(request.batch_id if request.HasField("batch_id") else None)
+        self.engine.clear(request.batch_id if request.HasField("batch_id") else None)
         return pb.ClearCacheResponse()
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
-        store = self.service.store
+        store = self.engine.store
         with _status(context):  # in pieces on the model thread, between steps: batches keep running meanwhile
             store.load(request.id)
         return pb.LoadAdapterResponse(adapter=adapter_info(store.record(request.id)))
@@ -140,14 +140,14 @@ class ShardServicer(pb_grpc.ShardServicer):
         self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
     ) -> pb.UnloadAdapterResponse:
         with _status(context):
-            self.service.unload_adapter(request.id)
+            self.engine.unload_adapter(request.id)
         return pb.UnloadAdapterResponse()
 
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersResponse:
-        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in self.service.store.records()])
+        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in self.engine.store.records()])
 
 
-def serve(servicer: ShardServicer, address: str, **options: Any) -> grpc.Server:
+def serve(servicer: EngineServicer, address: str, **options: Any) -> grpc.Server:
     """Start a gRPC server on ``address`` (``unix:///path`` or ``host:port``) and return it."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),

@@ -15,8 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loraplex.shard.config import ModelConfig
-from loraplex.shard.lora.config import PROJECTIONS, AdapterError, LoraConfig, read_config
-from loraplex.shard.parallel import COLUMN_PARALLEL, TensorParallel
+from loraplex.shard.lora.config import AdapterError, LoraConfig, read_config
+from loraplex.shard.parallel import TensorParallel
+from loraplex.shard.projections import PROJECTIONS, Projection
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -113,7 +114,7 @@ def _parse_keys(
                 "(base_model.model.model.layers.<n>.<self_attn|mlp>.<proj>.lora_<A|B>.weight)",
             )
         layer, parent, proj, half = int(match[1]), match[2], match[3], match[4]
-        if PROJECTIONS.get(proj) != parent:
+        if proj not in PROJECTIONS or PROJECTIONS[proj].module != parent:
             raise AdapterError(
                 "unsupported_target", f"weight {key} targets {parent}.{proj}, absent in this architecture"
             )
@@ -169,18 +170,18 @@ def load_adapter(
     for (layer, proj), halves in sorted(found.items()):
         if not lora.transforms_layer(layer):
             continue  # PEFT creates no module there, so it never reads these weights either
-        module = f"model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
+        module = f"model.layers.{layer}.{PROJECTIONS[proj].module}.{proj}"
         if set(halves) != {"A", "B"}:
             raise AdapterError("corrupt", f"{module} has lora_{next(iter(halves))} but not its other half")
         a, b = halves["A"], halves["B"]
-        _, scale = _checked_rank(lora, module, a, b, config.projection_shape(proj), max_rank)
+        _, scale = _checked_rank(lora, module, a, b, PROJECTIONS[proj].shape(config), max_rank)
         weight_bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
         per_proj.setdefault(proj, {})[layer] = (a, b, scale)
     if not per_proj:
         raise AdapterError("corrupt", "no LoRA weights fall in the layers named by layers_to_transform")
 
     def stack_piece(group: list[str]) -> dict[str, ProjectionWeights]:
-        return {p: _stack(per_proj[p], config, p, dtype, device, tp) for p in group}
+        return {p: _stack(per_proj[p], config, PROJECTIONS[p], dtype, device, tp) for p in group}
 
     projections: dict[str, ProjectionWeights] = {}
     for group in _pieces(per_proj):
@@ -238,20 +239,22 @@ def _checked_rank(
 def _stack(
     layers: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
     config: ModelConfig,
-    proj: str,
+    proj: Projection,
     dtype: torch.dtype,
     device: torch.device | str,
     tp: TensorParallel,
 ) -> ProjectionWeights:
-    in_features, out_features = tp.local_config(config).projection_shape(proj)
+    in_features, out_features = proj.shape(tp.local_config(config))
+    rows, cols = tp.weight_part(proj, config)
     rank = max(a.shape[0] for a, _, _ in layers.values())
     a_all = torch.zeros(config.num_layers, in_features, rank, dtype=dtype, device=device)
     b_all = torch.zeros(config.num_layers, rank, out_features, dtype=dtype, device=device)
     for layer, (a, b, scale) in layers.items():
-        if proj in COLUMN_PARALLEL:
-            b = b[tp.out_slice(proj, config)]
-        else:
-            a = a[:, tp.in_slice(proj, config)]
+        # B ([out, rank]) holds the output rows, A ([rank, in]) the input columns: each keeps the base's part.
+        if rows is not None:
+            b = b[rows]
+        if cols is not None:
+            a = a[:, cols]
         r = a.shape[0]
         a_all[layer, :, :r] = a.t().to(dtype)
         # Scaling is folded into B in float32 so that bfloat16 storage rounds once, not twice.

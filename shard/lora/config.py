@@ -9,16 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The seven projections of a Llama-family layer, by the sub-module that holds them.
-PROJECTIONS: dict[str, str] = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
+from loraplex.shard.projections import PROJECTIONS as TABLE
+
+# Name -> sub-module, a view of the projection table for the callers outside the shard that read it
+# (loraplex.bench); the shard itself reads ``loraplex.shard.projections``.
+PROJECTIONS: dict[str, str] = {name: p.module for name, p in TABLE.items()}
 # Modules that exist in the architecture but that a LoRA adapter may not target here.
 _OTHER_MODULES = (
     "embed_tokens",
@@ -28,6 +23,9 @@ _OTHER_MODULES = (
     "post_attention_layernorm",
     "rotary_emb",
 )
+
+
+CONFIG_FILE = "adapter_config.json"
 
 
 class AdapterError(ValueError):
@@ -71,7 +69,7 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
 
 def _check_targets(targets: Any) -> tuple[str, ...] | str:
     if targets == "all-linear":
-        return tuple(PROJECTIONS)
+        return tuple(TABLE)
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -81,16 +79,16 @@ def _check_targets(targets: Any) -> tuple[str, ...] | str:
             if pattern.fullmatch(f"model.{other}") or pattern.fullmatch(other):
                 raise AdapterError(
                     "unsupported_target",
-                    f"target_modules matches {other!r}; only {', '.join(PROJECTIONS)} can be adapted",
+                    f"target_modules matches {other!r}; only {', '.join(TABLE)} can be adapted",
                 )
         return targets
     if not isinstance(targets, list | tuple) or not targets:
         raise AdapterError("bad_config", "target_modules must be a non-empty list or a regular expression")
-    bad = [t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in PROJECTIONS]
+    bad = [t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in TABLE]
     if bad:
         raise AdapterError(
             "unsupported_target",
-            f"target_modules {bad} do not exist in this architecture; supported: {', '.join(PROJECTIONS)}",
+            f"target_modules {bad} do not exist in this architecture; supported: {', '.join(TABLE)}",
         )
     return tuple(targets)
 
@@ -150,7 +148,7 @@ def parse_config(raw: dict[str, Any]) -> LoraConfig:
 
 
 def read_config(directory: Path) -> LoraConfig:
-    path = directory / "adapter_config.json"
+    path = directory / CONFIG_FILE
     if not path.is_file():
         raise AdapterError("not_found", f"no adapter_config.json in adapter directory {directory.name!r}")
     try:

@@ -1,166 +1,34 @@
-"""Per-batch LoRA plan: which rows use which adapter, with each site's weights stacked for one bmm."""
+"""What the model calls at each LoRA site, and the choice between the CUDA and the PyTorch plan."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from loraplex.kernels.reference import gather_rows, sgmv_expand, sgmv_shrink
-from loraplex.kernels.segments import SegmentLayout, segment_layout
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.lora.adapter import LoraAdapter
-
-# Where LoRA is applied in a layer: projections that share an input share one shrink.
-SITES: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-
-
-def output_offsets(config: ModelConfig) -> dict[str, int]:
-    """Column where each projection starts in its site's fused base output."""
-    return {
-        "q_proj": 0,
-        "k_proj": config.q_size,
-        "v_proj": config.q_size + config.kv_size,
-        "o_proj": 0,
-        "gate_proj": 0,
-        "up_proj": config.intermediate_size,
-        "down_proj": 0,
-    }
+from loraplex.shard.lora.cuda_plan import CudaLoraPlan
+from loraplex.shard.lora.torch_plan import TorchLoraPlan
 
 
 class LoraPlan(Protocol):
-    """What the model calls at each LoRA site: the CPU plan below, or the CUDA one (``cuda_plan``)."""
-
-    def apply(self, site: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None: ...
-
-
-def _rank_bucket(rank: int) -> int:
-    """Adapters of similar rank share a group: padding is then under 2x, and groups stay few."""
-    return 1 << (rank - 1).bit_length()
-
-
-@dataclass(frozen=True)
-class _Expand:
-    b: torch.Tensor  # [num_layers, chunks, rank, out]
-    v_cols: slice
-    y_cols: slice
-
-
-@dataclass(frozen=True)
-class _Group:
-    layout: SegmentLayout
-    a: torch.Tensor  # [num_layers, chunks, in, sum of ranks of the site's projections]
-    expands: tuple[_Expand, ...]
-
-
-class LoraBatch:
-    """LoRA work of one batch, prepared once and reused by every decode step of that batch.
-
-    Stacking copies each adapter's weights once per batch composition; in exchange every layer then
-    runs a fixed number of batched matmuls per site, however many distinct adapters the batch holds.
-    """
-
-    def __init__(
-        self, row_adapters: Sequence[LoraAdapter | None], config: ModelConfig, dtype: torch.dtype | None = None
-    ) -> None:
-        self.row_adapters = tuple(row_adapters)
-        self.dtype = dtype
-        offsets = output_offsets(config)
-        self._sites: dict[str, list[_Group]] = {}
-        for site, projs in SITES.items():
-            self._sites[site] = self._build_site(projs, offsets)
-
-    @property
-    def empty(self) -> bool:
-        return not any(self._sites.values())
-
-    def _build_site(self, projs: tuple[str, ...], offsets: dict[str, int]) -> list[_Group]:
-        buckets: dict[int, dict[int, LoraAdapter]] = {}
-        for adapter in self.row_adapters:
-            if adapter is None:
-                continue
-            ranks = [adapter.projections[p].rank for p in projs if p in adapter.projections]
-            if ranks:
-                buckets.setdefault(_rank_bucket(max(ranks)), {})[id(adapter)] = adapter
-        groups = []
-        for members in buckets.values():
-            keys = [id(a) if a is not None and id(a) in members else -1 for a in self.row_adapters]
-            dense = {key: index for index, key in enumerate(members)}
-            layout = segment_layout([dense[k] if k >= 0 else -1 for k in keys])
-            groups.append(self._stack(layout, list(members.values()), projs, offsets, self.dtype))
-        return groups
-
-    @staticmethod
-    def _stack(
-        layout: SegmentLayout,
-        members: list[LoraAdapter],
-        projs: tuple[str, ...],
-        offsets: dict[str, int],
-        dtype: torch.dtype | None,
-    ) -> _Group:
-        present = [p for p in projs if any(p in m.projections for m in members)]
-        ranks = {p: max(m.projections[p].rank for m in members if p in m.projections) for p in present}
-        sample = {p: next(m.projections[p] for m in members if p in m.projections) for p in present}
-        num_layers, in_features = next(iter(sample.values())).a.shape[:2]
-        like = next(iter(sample.values())).a
-        chunks = layout.num_chunks
-        dtype = dtype or like.dtype
-        if len(members) == 1:
-            return LoraBatch._views(layout, members[0], present, offsets, dtype)
-        # Every element is written below unless some member lacks a projection or has a smaller rank:
-        # only then do the stacks need zeros (filling 100+ MB of zeros is a quarter of a rebuild).
-        padded = any(p not in m.projections or m.projections[p].rank < ranks[p] for m in members for p in present)
-        alloc = torch.zeros if padded else torch.empty
-        a = alloc(num_layers, chunks, in_features, sum(ranks.values()), dtype=dtype, device=like.device)
-        bs = {
-            p: alloc(num_layers, chunks, ranks[p], sample[p].b.shape[-1], dtype=dtype, device=like.device)
-            for p in present
-        }
-        for chunk, key in enumerate(layout.chunk_keys):
-            weights = members[key].projections
-            col = 0
-            for p in present:
-                if p in weights:
-                    r = weights[p].rank
-                    a[:, chunk, :, col : col + r] = weights[p].a
-                    bs[p][:, chunk, :r, :] = weights[p].b
-                col += ranks[p]
-        expands = []
-        col = 0
-        for p in present:
-            out = sample[p].b.shape[-1]
-            expands.append(_Expand(bs[p], slice(col, col + ranks[p]), slice(offsets[p], offsets[p] + out)))
-            col += ranks[p]
-        return _Group(layout, a, tuple(expands))
-
-    @staticmethod
-    def _views(
-        layout: SegmentLayout, member: LoraAdapter, present: list[str], offsets: dict[str, int], dtype: torch.dtype
-    ) -> _Group:
-        """A group of one adapter uses that adapter's own tensors, broadcast over its chunks: only the A
-        matrices of projections sharing a shrink are copied (a full copy per batch would double the memory
-        of every adapter in use)."""
-        chunks = layout.num_chunks
-        weights = [member.projections[p] for p in present]
-        a = torch.cat([w.a.to(dtype) for w in weights], dim=-1) if len(weights) > 1 else weights[0].a.to(dtype)
-        expands = []
-        col = 0
-        for p, w in zip(present, weights, strict=True):
-            b = w.b.to(dtype).unsqueeze(1).expand(-1, chunks, -1, -1)
-            expands.append(_Expand(b, slice(col, col + w.rank), slice(offsets[p], offsets[p] + b.shape[-1])))
-            col += w.rank
-        return _Group(layout, a.unsqueeze(1).expand(-1, chunks, -1, -1), tuple(expands))
+    """One batch composition's LoRA work, built once and applied at every site of every forward pass."""
 
     def apply(self, site: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add every row's LoRA delta for ``site`` at ``layer`` into the fused base output ``y``."""
-        for group in self._sites[site]:
-            v = sgmv_shrink(gather_rows(x, group.layout), group.a[layer])
-            for ex in group.expands:
-                sgmv_expand(y[:, ex.y_cols], v[..., ex.v_cols], ex.b[layer], group.layout)
+        """Add every row's LoRA delta for ``site`` (``shard/projections.py``) at ``layer`` into the fused
+        base output ``y``, whose input was ``x``."""
+
+
+def make_plan(
+    row_adapters: Sequence[LoraAdapter | None],
+    config: ModelConfig,
+    lora_dtype: torch.dtype | None,
+    device: torch.device,
+) -> LoraPlan:
+    """The CUDA kernels' plan where they can run, else the PyTorch plan (also the CPU path); ``lora_dtype``
+    is the PyTorch plan's stack dtype (None: the adapters' own)."""
+    if CudaLoraPlan.supports(row_adapters, lora_dtype, device):
+        return CudaLoraPlan(row_adapters, config, device)
+    return TorchLoraPlan(row_adapters, config, lora_dtype)

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loraplex.common.adapter_ids import adapter_id_problem
+from loraplex.shard.hub import HubError, hub_snapshot
 from loraplex.shard.lora.adapter import WEIGHTS_FILE
-from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.config import CONFIG_FILE, AdapterError
 
-CONFIG_FILE = "adapter_config.json"
 # In --adapter-dirs, this entry lets an "owner/name" id resolve in the huggingface_hub cache.
 HUB_CACHE = "hf-cache"
 
@@ -87,14 +87,9 @@ class AdapterRoots:
 
 def _in_hub_cache(repo_id: str) -> Path | None:
     """The cached snapshot of hub repo ``repo_id``, never downloaded: a request must not make us fetch."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
-        snapshot = Path(
-            snapshot_download(repo_id, local_files_only=True, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
-        ).resolve()
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        snapshot = hub_snapshot(repo_id, [CONFIG_FILE, WEIGHTS_FILE], local_only=True).resolve()
+    except HubError:
         return None
     # The cache's snapshot files are symlinks into its blobs folder: both stay inside the cache.
     cache = snapshot.parent.parent.parent

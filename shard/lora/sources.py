@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.hub import HubError, hub_snapshot
+from loraplex.shard.lora.adapter import WEIGHTS_FILE
+from loraplex.shard.lora.config import CONFIG_FILE, AdapterError
 
 
 def parse_adapter_specs(spec: str) -> list[tuple[str, str]]:
@@ -35,16 +37,9 @@ def resolve_adapter_source(source: str) -> Path:
     if local.is_dir() or source.startswith(("/", ".", "~")):
         return local
     repo, _, revision = source.partition("@")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
-        return Path(
-            snapshot_download(
-                repo, revision=revision or None, allow_patterns=["adapter_config.json", "adapter_model.safetensors"]
-            )
-        )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        return hub_snapshot(repo, [CONFIG_FILE, WEIGHTS_FILE], revision=revision or None)
+    except HubError as exc:
         raise AdapterError(
             "not_found", f"adapter {source!r} is neither a local directory nor on the hub: {exc}"
         ) from exc

@@ -72,7 +72,8 @@ class AdapterStore:
         self.max_active = max_active
         self.max_host = max_host
         self.on_evict = on_evict
-        self.pace = pace  # runs each piece of a load: on the model thread, so loads fit between steps
+        # Runs each piece of a load; the shard passes its model thread's, so loads fit between steps.
+        self.pace = pace
         self._records: dict[str, AdapterRecord] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()

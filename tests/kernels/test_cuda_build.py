@@ -48,9 +48,12 @@ def test_without_a_gpu_the_launcher_says_so_and_refuses_cpu_tensors() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tests/kernels/test_cuda_kernels.py covers it")
+    from loraplex.kernels.segments import Segments, SegmentWeights
+
     assert not cuda.available()
-    segs = cuda.Segments.build([[0, 1]], [4], torch.device("cpu"))
+    segs = Segments.build([[0, 1]], [4])
+    a = SegmentWeights.of([torch.zeros(1, 4, 8, dtype=torch.bfloat16)])
     with pytest.raises(cuda.KernelError, match="CUDA"):
-        cuda.shrink(torch.zeros(2, 8, dtype=torch.bfloat16), segs, torch.zeros(1, dtype=torch.int64))
+        cuda.shrink(torch.zeros(2, 8, dtype=torch.bfloat16), segs, a, 0)
     with pytest.raises(cuda.KernelError, match="ranks must be"):
-        cuda.Segments.build([[0]], [129], torch.device("cpu"))
+        cuda.shrink(torch.zeros(2, 8, dtype=torch.bfloat16), Segments.build([[0]], [129]), a, 0)

@@ -1,4 +1,4 @@
-"""The CUDA SGMV/BGMV kernels against a float64 reference, across segment mixes, ranks, sizes and dtypes."""
+"""The CUDA kernels against ``kernels/reference.py`` in float64: segment mixes, ranks, sizes and dtypes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.kernels import cuda
+from loraplex.kernels import cuda, reference
+from loraplex.kernels.segments import Segments, SegmentWeights
 
 pytestmark = [
     pytest.mark.gpu,
@@ -54,18 +55,20 @@ def _case(mix: str, h_in: int, h_out: int, dtype: torch.dtype, seed: int) -> Non
     y = wide[:, 5 : 5 + h_out]  # a column slice of a fused output: strided rows
     before = wide.clone()
 
-    expected = torch.zeros(total, h_out, dtype=torch.float64, device="cuda")
-    for rows, at, bm in zip(members, a_t, b, strict=True):
-        if rows:
-            expected[rows] = (x[rows].double() @ at.double().t()) @ bm.double()
+    segs = Segments.build(members, ranks, torch.device("cuda"), total)
+    a = SegmentWeights.of([t.unsqueeze(0) for t in a_t])  # one layer per segment
+    b_w = SegmentWeights.of([t.unsqueeze(0) for t in b])
+    # The oracle: the same call on the reference, in float64.
+    a64 = SegmentWeights.of([t.double().unsqueeze(0) for t in a_t])
+    b64 = SegmentWeights.of([t.double().unsqueeze(0) for t in b])
+    y64 = before[:, 5 : 5 + h_out].double()
+    reference.expand(y64, reference.shrink(x.double(), segs, a64, 0), segs, b64, 0)
+    expected = y64 - before[:, 5 : 5 + h_out].double()
 
-    segs = cuda.Segments.build(members, ranks, torch.device("cuda"))
-    a_ptrs = torch.tensor([t.data_ptr() for t in a_t], dtype=torch.int64, device="cuda")
-    b_ptrs = torch.tensor([t.data_ptr() for t in b], dtype=torch.int64, device="cuda")
     deltas = []
     for _ in range(2):  # a result that moves between runs is a race
         wide.copy_(before)
-        cuda.expand(y, cuda.shrink(x, segs, a_ptrs), segs, b_ptrs)
+        cuda.expand(y, cuda.shrink(x, segs, a, 0), segs, b_w, 0)
         torch.cuda.synchronize()
         deltas.append(wide[:, 5 : 5 + h_out].double() - before[:, 5 : 5 + h_out].double())
         touched = sorted(r for rows in members for r in rows)
@@ -83,14 +86,15 @@ def _case(mix: str, h_in: int, h_out: int, dtype: torch.dtype, seed: int) -> Non
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mix", ["with_empty", "skewed", "distinct", "identical", "long", "zipf"])
 @pytest.mark.parametrize(("h_in", "h_out"), [(4096, 4096), (5120, 1000), (11008, 4096), (4096, 14336)])
-def test_kernels_match_the_float64_reference(mix: str, h_in: int, h_out: int, dtype: torch.dtype) -> None:
+def test_kernels_match_the_reference(mix: str, h_in: int, h_out: int, dtype: torch.dtype) -> None:
     _case(mix, h_in, h_out, dtype, seed=zlib.crc32(f"{mix}-{h_in}-{h_out}".encode()))
 
 
-def test_cuda_plan_matches_the_reference_plan_on_a_model(tmp_path: Path) -> None:
-    from loraplex.shard.lora.cuda_plan import CudaLoraBatch, make_plan
+def test_cuda_plan_matches_the_torch_plan_on_a_model(tmp_path: Path) -> None:
+    from loraplex.shard.lora.cuda_plan import CudaLoraPlan
+    from loraplex.shard.lora.plan import make_plan
     from loraplex.shard.lora.store import AdapterStore
-    from loraplex.shard.runner import Sequence, build_runner
+    from loraplex.shard.runner import SequenceState, build_runner
     from tests.factories import make_adapter, tiny_model
 
     base = tiny_model(tmp_path / "base", "llama")
@@ -102,12 +106,12 @@ def test_cuda_plan_matches_the_reference_plan_on_a_model(tmp_path: Path) -> None
         store.load(name, tmp_path / name)
     adapters = store.acquire(["a", "b"], pinned=set())
     rows = [adapters["a"], None, adapters["b"], adapters["a"]]
-    assert isinstance(make_plan(rows, runner.model.config, None, torch.device("cuda")), CudaLoraBatch)
+    assert isinstance(make_plan(rows, runner.model.config, None, torch.device("cuda")), CudaLoraPlan)
 
     def logits(use_kernels: bool) -> torch.Tensor:
-        stacks = None if use_kernels else torch.float32  # float32 stacks: the reference plan
+        stacks = None if use_kernels else torch.float32  # float32 stacks: the PyTorch plan
         runner.decode_lora_dtype = runner.prefill_lora_dtype = stacks
-        seqs = [Sequence(i, [3 + i, 7, 11, 2 * i + 1], a) for i, a in enumerate(rows)]
+        seqs = [SequenceState(i, [3 + i, 7, 11, 2 * i + 1], a) for i, a in enumerate(rows)]
         out = runner.prefill(seqs, all_logits=True)
         for s in seqs:
             s.token_ids.append(5)
@@ -116,5 +120,5 @@ def test_cuda_plan_matches_the_reference_plan_on_a_model(tmp_path: Path) -> None
             runner.release(s)
         return out
 
-    kernels, reference = logits(True), logits(False)
-    assert float((kernels - reference).norm() / reference.norm()) < 2e-2
+    kernels, torch_plan = logits(True), logits(False)
+    assert float((kernels - torch_plan).norm() / torch_plan.norm()) < 2e-2

@@ -1,12 +1,14 @@
-"""SGMV reference against the per-row loop, across segment mixes, ranks and untouched rows."""
+"""The PyTorch LoRA ops (the kernels' reference and the CPU path's bmm) against the per-row loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraplex.kernels.reference import gather_rows, lora_naive, sgmv_expand, sgmv_shrink
-from loraplex.kernels.segments import segment_layout
+from loraplex.kernels import reference
+from loraplex.kernels.bmm import gather_rows, sgmv_expand, sgmv_shrink
+from loraplex.kernels.segments import Segments, SegmentWeights
+from tests.kernels.oracle import lora_naive
 
 
 def _zipf_keys(n: int, adapters: int, gen: torch.Generator) -> list[int]:
@@ -28,43 +30,76 @@ MIXES = {
 }
 
 
-@pytest.mark.parametrize("mix", sorted(MIXES))
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_sgmv_equals_naive_loop(mix: str, rows: int) -> None:
+def _case(
+    mix: str, rows: int
+) -> tuple[list[int], dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(rows)
     keys = MIXES[mix](rows, gen)
     h_in, h_out = 40, 24
     ranks = {k: [1, 3, 8, 16, 5][k % 5] for k in set(keys) if k >= 0}
-    r_max = max(ranks.values(), default=1)
     weights = {k: (torch.randn(h_in, r, generator=gen), torch.randn(r, h_out, generator=gen)) for k, r in ranks.items()}
-    x = torch.randn(rows, h_in, generator=gen)
-    y0 = torch.randn(rows, h_out, generator=gen)
-    layout = segment_layout(keys)
-    a = torch.zeros(layout.num_chunks, h_in, r_max)
-    b = torch.zeros(layout.num_chunks, r_max, h_out)
-    for c, key in enumerate(layout.chunk_keys):
+    return keys, weights, torch.randn(rows, h_in, generator=gen), torch.randn(rows, h_out, generator=gen)
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_bmm_path_equals_naive_loop(mix: str, rows: int) -> None:
+    keys, weights, x, y0 = _case(mix, rows)
+    segs, seg_keys = Segments.from_keys(keys)
+    chunk_keys = [seg_keys[s] for s in segs.chunk_segments]
+    r_max = max((a.shape[1] for a, _ in weights.values()), default=1)
+    a = torch.zeros(segs.num_chunks, x.shape[1], r_max)
+    b = torch.zeros(segs.num_chunks, r_max, y0.shape[1])
+    for c, key in enumerate(chunk_keys):
         wa, wb = weights[key]
         a[c, :, : wa.shape[1]] = wa
         b[c, : wb.shape[0]] = wb
     y = y0.clone()
-    if layout.num_chunks:
-        sgmv_expand(y, sgmv_shrink(gather_rows(x, layout), a), b, layout)
+    if segs.num_chunks:
+        sgmv_expand(y, sgmv_shrink(gather_rows(x, segs), a), b, segs)
     expected = y0.double() + lora_naive(x, keys, weights) if weights else y0.double()
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-4)
     untouched = [i for i, k in enumerate(keys) if k < 0]
     assert torch.equal(y[untouched], y0[untouched])  # rows without adapter are bit-identical
 
 
-def test_layout_groups_rows_and_bounds_padding() -> None:
-    layout = segment_layout([2, 0, 2, -1, 0, 2])
-    assert layout.chunk_keys[0] == 2  # segments in order of first appearance
-    assert sorted(layout.rows.tolist()) == [0, 1, 2, 4, 5]
-    decode = segment_layout(list(range(64)))
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_reference_equals_naive_loop(mix: str, rows: int) -> None:
+    keys, weights, x, y0 = _case(mix, rows)
+    segs, seg_keys = Segments.from_keys(keys, {k: a.shape[1] for k, (a, _) in weights.items()})
+    # Two layers, the weights in the second, as the kernels read a layer's matrix out of a stack.
+    a = SegmentWeights.of([torch.stack([torch.zeros_like(weights[k][0].t()), weights[k][0].t()]) for k in seg_keys])
+    b = SegmentWeights.of([torch.stack([torch.zeros_like(weights[k][1]), weights[k][1]]) for k in seg_keys])
+    y = y0.clone()
+    reference.expand(y, reference.shrink(x, segs, a, 1), segs, b, 1)
+    expected = y0.double() + lora_naive(x, keys, weights) if weights else y0.double()
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-4)
+    untouched = [i for i, k in enumerate(keys) if k < 0]
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_chunk_layout_groups_rows_and_bounds_padding() -> None:
+    segs, seg_keys = Segments.from_keys([2, 0, 2, -1, 0, 2])
+    assert seg_keys == [2, 0]  # segments in order of first appearance
+    assert segs.rows.tolist() == [0, 2, 5, 1, 4] and segs.indptr.tolist() == [0, 3, 5]
+    decode, _ = Segments.from_keys(list(range(64)))
     assert decode.identity and decode.chunk_len == 1 and decode.num_chunks == 64
-    one = segment_layout([0] * 64)
+    one, _ = Segments.from_keys([0] * 64)
     assert one.identity and one.num_chunks == 1
     for keys in ([0, 0, 1], [0, 0, 0, 1], [0] * 8 + [1] * 5):
-        ragged = segment_layout(keys)
+        ragged, _ = Segments.from_keys(keys)
         assert not ragged.identity and ragged.num_chunks * ragged.chunk_len > len(keys)
-    skewed = segment_layout([0] + [1] * 999)
+    skewed, _ = Segments.from_keys([0] + [1] * 999)
     assert skewed.num_chunks * skewed.chunk_len <= 2 * 1000  # a long segment does not pad the short one to its length
+    nobody, _ = Segments.from_keys([-1, -1])
+    assert nobody.num_rows == 0 and nobody.num_chunks == 0 and not nobody.identity
+
+
+def test_segment_weights_point_at_each_layer_of_each_stack() -> None:
+    stacks = [torch.zeros(3, 2, 5), torch.zeros(3, 4, 5)]
+    w = SegmentWeights.of(stacks)
+    assert w.pointers.shape == (3, 2)
+    assert w.pointers[2, 1] == stacks[1][2].data_ptr()
+    with pytest.raises(ValueError, match="contiguous"):
+        SegmentWeights.of([torch.zeros(3, 5, 2).transpose(1, 2)])

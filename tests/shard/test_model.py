@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.shard.runner import Sequence, build_runner
+from loraplex.shard.runner import SequenceState, build_runner
 from tests.factories import TINY, tiny_model
 
 LENGTHS = [5, 17, 1, 9]
@@ -23,7 +23,7 @@ def test_logits_match_transformers_prefill_and_decode(tmp_path: Path, kind: str)
     runner = build_runner(tmp_path, kv_blocks=64, block_size=4)
     gen = torch.Generator().manual_seed(1)
     vocab = hf.config.vocab_size
-    seqs = [Sequence(i, torch.randint(vocab, (n,), generator=gen).tolist()) for i, n in enumerate(LENGTHS)]
+    seqs = [SequenceState(i, torch.randint(vocab, (n,), generator=gen).tolist()) for i, n in enumerate(LENGTHS)]
 
     packed = runner.prefill(seqs, all_logits=True)
     start = 0
@@ -47,7 +47,7 @@ def test_blocks_return_when_sequences_end(tmp_path: Path) -> None:
     tiny_model(tmp_path, "llama")
     runner = build_runner(tmp_path, kv_blocks=16, block_size=4)
     alloc = runner.cache.allocator
-    seqs = [Sequence(i, list(range(1, 1 + n))) for i, n in enumerate([3, 8, 5])]
+    seqs = [SequenceState(i, list(range(1, 1 + n))) for i, n in enumerate([3, 8, 5])]
     runner.prefill(seqs)
     assert alloc.num_used == 1 + 2 + 2
     for s in seqs:
@@ -67,7 +67,7 @@ def test_kv_cache_full_is_a_clear_error_and_changes_nothing(tmp_path: Path) -> N
     tiny_model(tmp_path, "llama")
     runner = build_runner(tmp_path, kv_blocks=2, block_size=4)
     with pytest.raises(KVCacheFull, match="KV blocks"):
-        runner.prefill([Sequence(0, list(range(12)))])
+        runner.prefill([SequenceState(0, list(range(12)))])
     assert runner.cache.allocator.num_used == 0
 
 
@@ -77,7 +77,7 @@ def test_bfloat16_runs_close_to_float32(tmp_path: Path, kind: str) -> None:
     f32 = build_runner(tmp_path, kv_blocks=16, block_size=4)
     bf16 = build_runner(tmp_path, dtype=torch.bfloat16, kv_blocks=16, block_size=4)
     prompts = [list(range(3, 20)), list(range(40, 46))]
-    seqs = {r: [Sequence(i, list(p)) for i, p in enumerate(prompts)] for r in (f32, bf16)}
+    seqs = {r: [SequenceState(i, list(p)) for i, p in enumerate(prompts)] for r in (f32, bf16)}
     a = f32.prefill(seqs[f32])
     b = bf16.prefill(seqs[bf16])
     assert b.dtype == torch.float32  # logits are always returned in float32
@@ -98,7 +98,7 @@ def test_prefill_in_several_calls_generates_the_same_tokens(tmp_path: Path) -> N
     sizes: list[int] = []
     prefill = runner.prefill
 
-    def counted(seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+    def counted(seqs: list[SequenceState], all_logits: bool = False) -> torch.Tensor:
         sizes.append(len(seqs))
         return prefill(seqs, all_logits)
 

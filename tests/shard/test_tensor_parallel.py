@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.parallel import ParallelError, TensorParallel, init_tensor_parallel, rank_device
-from loraplex.shard.runner import Sequence, build_runner
+from loraplex.shard.runner import SequenceState, build_runner
 from tests.factories import make_adapter, tiny_model
 from tests.servers import free_port
 
@@ -34,7 +34,7 @@ def run_rank(rank: int, world: int, port: int, model_dir: Path, adapters: list[P
     store = AdapterStore(runner.model.full_config, dtype=torch.float32, tp=tp)
     loaded = [store.load(f"a{i}", d) for i, d in enumerate(adapters)]
     rows = [None, *loaded]
-    seqs = [Sequence(i, list(p), rows[i % len(rows)]) for i, p in enumerate(PROMPTS * 2)]
+    seqs = [SequenceState(i, list(p), rows[i % len(rows)]) for i, p in enumerate(PROMPTS * 2)]
     logits = [runner.prefill(seqs, all_logits=True)]
     for step in range(4):
         for s in seqs:

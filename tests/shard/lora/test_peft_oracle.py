@@ -60,9 +60,9 @@ def test_adapter_logits_match_peft(world: dict[str, Any]) -> None:
     prompt = world["prompts"][1]
     for name in ADAPTERS:
         oracle = peft_model(world["base"], world["dirs"][name])
-        from loraplex.shard.runner import Sequence
+        from loraplex.shard.runner import SequenceState
 
-        seq = Sequence(0, list(prompt), world["store"].get(name))
+        seq = SequenceState(0, list(prompt), world["store"].get(name))
         ours = world["runner"].prefill([seq], all_logits=True)
         world["runner"].release(seq)
         with torch.no_grad():

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.shard.lora.plan import LoraBatch
 from loraplex.shard.lora.store import AdapterStore
-from loraplex.shard.runner import ModelRunner, Sequence, build_runner
+from loraplex.shard.lora.torch_plan import TorchLoraPlan
+from loraplex.shard.runner import ModelRunner, SequenceState, build_runner
 from tests.factories import make_adapter, tiny_model
 
 
 def _logits(runner: ModelRunner, store: AdapterStore, names: list[str | None]) -> torch.Tensor:
-    seqs = [Sequence(i, [3 + i, 7, 11, 2 * i + 1], store.get(n) if n else None) for i, n in enumerate(names)]
+    seqs = [SequenceState(i, [3 + i, 7, 11, 2 * i + 1], store.get(n) if n else None) for i, n in enumerate(names)]
     out = runner.prefill(seqs, all_logits=True)
     for s in seqs:
         runner.release(s)
@@ -53,7 +53,7 @@ def test_decode_reuses_the_plan_until_the_batch_changes(tmp_path: Path) -> None:
     runner = build_runner(tmp_path / "base", kv_blocks=32, block_size=4)
     store = AdapterStore(runner.model.config, dtype=torch.float32)
     adapter = store.load("a", tmp_path / "a")
-    seqs = [Sequence(0, [1, 2, 3], adapter), Sequence(1, [4, 5], None)]
+    seqs = [SequenceState(0, [1, 2, 3], adapter), SequenceState(1, [4, 5], None)]
     runner.prefill(seqs)
     plans = []
     for step in range(3):
@@ -73,7 +73,7 @@ def test_rows_whose_adapter_lacks_a_site_are_left_alone(tmp_path: Path) -> None:
     make_adapter(base, tmp_path / "q", r=4, target_modules=["q_proj"])
     runner = build_runner(tmp_path / "base", kv_blocks=8, block_size=4)
     store = AdapterStore(runner.model.config, dtype=torch.float32)
-    plan = LoraBatch([store.load("q", tmp_path / "q"), None], runner.model.config)
+    plan = TorchLoraPlan([store.load("q", tmp_path / "q"), None], runner.model.config)
     x = torch.randn(2, 64)
     y = torch.randn(2, 128)
     before = y.clone()
@@ -97,7 +97,7 @@ def test_decode_batch_of_ordered_unequal_segments_equals_solo_runs(tmp_path: Pat
     rows = [adapters[0], adapters[0], adapters[1]]
 
     def decode_logits(members: list[int]) -> torch.Tensor:
-        seqs = [Sequence(i, [5 + i, 9, 4], rows[i]) for i in members]
+        seqs = [SequenceState(i, [5 + i, 9, 4], rows[i]) for i in members]
         runner.prefill(seqs)
         for s in seqs:
             s.token_ids.append(7)
@@ -129,7 +129,7 @@ def test_stacks_left_uninitialised_are_fully_written(tmp_path: Path, monkeypatch
     def deltas(rows: list, empty: object) -> dict[str, torch.Tensor]:
         with monkeypatch.context() as m:
             m.setattr(torch, "empty", empty)
-            plan = LoraBatch(rows, config)
+            plan = TorchLoraPlan(rows, config)
         out = {}
         for site in ("qkv", "down"):
             y = torch.zeros(4, width[site])

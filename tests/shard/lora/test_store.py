@@ -11,7 +11,7 @@ import torch
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.lora.store import AdapterStore
-from loraplex.shard.runner import Sequence, build_runner
+from loraplex.shard.runner import SequenceState, build_runner
 from tests.factories import tiny_model, write_raw_adapter
 
 
@@ -83,7 +83,7 @@ def test_a_reloaded_adapter_never_reuses_a_stale_batch_plan(tmp_path: Path, stor
 
     def decode_once(name: str) -> torch.Tensor:
         adapter = store.acquire([name], pinned=set())[name]
-        seq = Sequence(0, [3, 4, 5], adapter)
+        seq = SequenceState(0, [3, 4, 5], adapter)
         runner.prefill([seq])
         seq.token_ids.append(6)
         out = runner.decode([seq])

@@ -1,11 +1,9 @@
-"""The shard's batch state: cached batches by id, prefill / decode / filter, token choice per request."""
+"""The shard's engine: model, KV cache and adapter store behind cached batches, prefill, decode and filter."""
 
 from __future__ import annotations
 
 import functools
-import threading
-from collections.abc import Callable
-from collections.abc import Sequence as Seq
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -14,7 +12,7 @@ import torch
 from loraplex.shard.allocator import release_freed_memory
 from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.model_thread import ModelThread
-from loraplex.shard.runner import ModelRunner, Sequence
+from loraplex.shard.runner import ModelRunner, SequenceState
 from loraplex.shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
 
 T = TypeVar("T")
@@ -39,8 +37,10 @@ class Generation:
 
 
 @dataclass
-class _Entry:
-    seq: Sequence
+class _CachedRequest:
+    """A request of a cached batch: its tokens and KV blocks, and how its next token is chosen."""
+
+    seq: SequenceState
     chooser: TokenChooser
 
 
@@ -48,40 +48,30 @@ class BatchError(ValueError):
     """A call names a batch or request the shard does not hold."""
 
 
-def _on_model_thread(method: Callable[Concatenate[ShardService, P], T]) -> Callable[Concatenate[ShardService, P], T]:
+def _on_model_thread(method: Callable[Concatenate[ShardEngine, P], T]) -> Callable[Concatenate[ShardEngine, P], T]:
     """The method runs on the service's model thread, whichever thread calls it (``shard/model_thread.py``)."""
 
     @functools.wraps(method)
-    def run(self: ShardService, *args: P.args, **kwargs: P.kwargs) -> T:
+    def run(self: ShardEngine, *args: P.args, **kwargs: P.kwargs) -> T:
         return self.model.call(method, self, *args, **kwargs)
 
     return run
 
 
-class ShardService:
-    """Everything a shard does between gRPC and the model; one lock serialises model work, and all of it
-    (steps, batch changes, adapter-load pieces) runs on one model thread."""
+class ShardEngine:
+    """Everything a shard does between gRPC and the model: it owns the runner (model and KV cache), the
+    adapter store and the cached batches. All model work (steps, batch changes, and the adapter-load
+    pieces the store runs through ``model.between_steps``) runs on one model thread, under its lock."""
 
-    def __init__(self, runner: ModelRunner, store: AdapterStore, model: ModelThread | None = None) -> None:
+    def __init__(self, runner: ModelRunner, store: AdapterStore, model: ModelThread) -> None:
         self.runner = runner
         self.store = store
-        self.model = model or ModelThread()
-        self._batches: dict[int, list[_Entry]] = {}
-        self.lock = threading.Lock()
-        store.pace = self._between_steps
-
-    def _between_steps(self, piece: Callable[[], T]) -> T:
-        """One piece of an adapter load: on the model thread and under the model lock, so it runs between
-        two forward steps with all cores, and never starts a second OpenMP team elsewhere."""
-
-        def locked() -> T:
-            with self.lock:
-                return piece()
-
-        return self.model.call(locked)
+        self.model = model
+        self.lock = model.lock
+        self._batches: dict[int, list[_CachedRequest]] = {}
 
     @_on_model_thread
-    def prefill(self, batch_id: int, requests: Seq[NewRequest]) -> list[Generation]:
+    def prefill(self, batch_id: int, requests: Sequence[NewRequest]) -> list[Generation]:
         with self.lock:
             if batch_id in self._batches:
                 raise BatchError(f"batch {batch_id} already exists")
@@ -92,7 +82,9 @@ class ShardService:
             resident = self.store.acquire(named, pinned=self.pinned_adapters())
             adapters = [resident[r.adapter_id] if r.adapter_id else None for r in requests]
             entries = [
-                _Entry(Sequence(r.request_id, list(r.input_ids), a), TokenChooser(r.sampling, r.top_n_tokens))
+                _CachedRequest(
+                    SequenceState(r.request_id, list(r.input_ids), a), TokenChooser(r.sampling, r.top_n_tokens)
+                )
                 for r, a in zip(requests, adapters, strict=True)
             ]
             want_prefill = any(r.prefill_logprobs for r in requests)
@@ -112,7 +104,7 @@ class ShardService:
             return [Generation(g.request_id, g.choice, details[i]) if details[i] else g for i, g in enumerate(gens)]
 
     @_on_model_thread
-    def decode(self, batch_ids: Seq[int]) -> tuple[int, list[Generation]]:
+    def decode(self, batch_ids: Sequence[int]) -> tuple[int, list[Generation]]:
         """Concatenate the batches (into the first id) and run one token of each request."""
         with self.lock:
             missing = [b for b in batch_ids if b not in self._batches]
@@ -128,7 +120,7 @@ class ShardService:
             return first, self._choose(entries, logits)
 
     @_on_model_thread
-    def filter(self, batch_id: int, keep: Seq[int]) -> list[int]:
+    def filter(self, batch_id: int, keep: Sequence[int]) -> list[int]:
         """Keep only ``keep`` in the batch; everyone else's KV blocks are freed now."""
         with self.lock:
             if batch_id not in self._batches:
@@ -168,7 +160,7 @@ class ShardService:
         alloc = self.runner.cache.allocator
         return alloc.num_used, alloc.num_free, len(self._batches), sum(len(b) for b in self._batches.values())
 
-    def _choose(self, entries: list[_Entry], logits: torch.Tensor) -> list[Generation]:
+    def _choose(self, entries: list[_CachedRequest], logits: torch.Tensor) -> list[Generation]:
         choices = choose_tokens(logits, [e.chooser for e in entries], [e.seq.token_ids for e in entries])
         for e, c in zip(entries, choices, strict=True):
             e.seq.token_ids.append(c.token_id)
@@ -176,7 +168,7 @@ class ShardService:
 
 
 def _prefill_details(
-    requests: Seq[NewRequest], logits: torch.Tensor
+    requests: Sequence[NewRequest], logits: torch.Tensor
 ) -> tuple[torch.Tensor, list[list[tuple[int, float]] | None]]:
     """Each request's last-position logits, and its prompt tokens' logprobs where asked for."""
     ends = torch.tensor([len(r.input_ids) for r in requests]).cumsum(0)

@@ -1,0 +1,67 @@
+"""The shard engine: prompt logprobs at the edges, no KV block kept by a failed prefill, the model thread."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.shard.engine import NewRequest, ShardEngine
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.model_thread import ModelThread
+from loraplex.shard.runner import build_runner
+from tests.factories import tiny_model
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> ShardEngine:
+    tiny_model(tmp_path, "llama")
+    runner = build_runner(tmp_path, kv_blocks=8, block_size=4)
+    model = ModelThread()
+    store = AdapterStore(runner.model.config, dtype=torch.float32, pace=model.between_steps)
+    return ShardEngine(runner, store, model)
+
+
+def test_prompt_logprobs_of_a_one_token_prompt(engine: ShardEngine) -> None:
+    gens = engine.prefill(
+        1, [NewRequest(1, [7], prefill_logprobs=True), NewRequest(2, [3, 4, 5], prefill_logprobs=True)]
+    )
+    assert gens[0].prefill is not None and gens[0].prefill[0][0] == 7 and math.isnan(gens[0].prefill[0][1])
+    assert gens[1].prefill is not None and [t for t, _ in gens[1].prefill] == [3, 4, 5]
+    assert all(lp <= 0 for _, lp in gens[1].prefill[1:])
+
+
+def test_a_failed_prefill_keeps_no_kv_block(engine: ShardEngine) -> None:
+    used_before = engine.stats()[0]
+    with pytest.raises(ValueError):
+        engine.prefill(1, [NewRequest(1, [1, 2, 3]), NewRequest(2, [1, 2], adapter_id="missing")])
+    too_long = [NewRequest(i, list(range(1, 12))) for i in range(4)]  # 4 x 3 blocks > 8 blocks
+    with pytest.raises(Exception, match="KV"):
+        engine.prefill(2, too_long)
+    assert engine.stats()[0] == used_before and engine.stats()[2] == 0
+
+
+def test_adapter_loads_run_on_the_model_thread_under_the_model_lock(engine: ShardEngine) -> None:
+    def where() -> tuple[str, bool]:
+        return threading.current_thread().name, engine.lock.locked()
+
+    assert engine.store.pace is not None
+    assert engine.store.pace(where) == ("model", True)
+    assert not engine.lock.locked()
+
+
+def test_steps_run_on_the_model_thread_whoever_calls(engine: ShardEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    step = engine.runner.prefill
+
+    def prefill(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(threading.current_thread().name)
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    engine.prefill(1, [NewRequest(1, [1, 2, 3])])
+    engine.clear(1)
+    assert seen == ["model"]
