@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from loraplex.common.flags import FlagParser
+from loraplex.common.shutdown import add_drain_timeout_flag, stop_grace
+from loraplex.supervisor import Supervisor, command, shard_argv, shard_socket
 
 PROG = "loraplex-entrypoint"
 HEALTH_PATH = "/health"
@@ -21,39 +22,11 @@ DEFAULT_SOCKET_DIR = "/run/loraplex"
 MASTER_ADDR = "127.0.0.1"
 # Variables this script reads that are no loraplex flag's twin (the others are the flags' own twins).
 OWN_ENV = {"SHARD_SOCKET_DIR": "directory of the shards' unix sockets, shared with the router"}
-# Whole seconds a shard may take to drain on SIGTERM (its --drain-timeout, 25 s by default) plus gRPC's grace.
-STOP_GRACE = 40.0
 
 
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
-
-
-def command(script: str, module: str) -> list[str]:
-    """The console script beside this interpreter, else on PATH, else ``python -m`` (as the launcher does)."""
-    beside = Path(sys.executable).parent / script
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which(script)
-    return [found] if found else [sys.executable, "-m", module]
-
-
-def setting_env_names() -> set[str]:
-    """Environment twins of the launcher's and router's flags (the settings a deployment passes)."""
-    from loraplex.launcher import parser as launcher_parser
-    from loraplex.router.settings import router_parser
-
-    return set(launcher_parser().env_names.values()) | set(router_parser().env_names.values())
-
-
-def without_empty_settings(env: Mapping[str, str]) -> dict[str, str]:
-    """Drop settings set to ``""``: compose passes ``${VAR:-}`` through, and an empty value means "default".
-
-    Only flags' twins are touched; an empty ``CUDA_VISIBLE_DEVICES`` (no GPU) keeps its meaning.
-    """
-    names = setting_env_names()
-    return {k: v for k, v in env.items() if not (k in names and v == "")}
 
 
 def num_shard(env: Mapping[str, str]) -> int:
@@ -67,53 +40,31 @@ def num_shard(env: Mapping[str, str]) -> int:
     return n
 
 
+def socket_dir(env: Mapping[str, str]) -> Path:
+    return Path(env.get("SHARD_SOCKET_DIR") or DEFAULT_SOCKET_DIR)
+
+
 def shard_addresses(env: Mapping[str, str]) -> list[str]:
     """Rank 0 first, as ``loraplex-router --shard-uds`` wants them."""
-    root = Path(env.get("SHARD_SOCKET_DIR") or DEFAULT_SOCKET_DIR)
-    return [f"unix://{root / f'shard-{rank}.sock'}" for rank in range(num_shard(env))]
-
-
-def rank_device(device: str, rank: int, world: int) -> str:
-    """``cuda`` gives rank i the i-th GPU the container sees; ``cpu`` stays ``cpu``."""
-    if device in ("cuda", "cpu"):
-        return f"cuda:{rank}" if device == "cuda" else "cpu"
-    if world > 1:
-        raise ValueError(f"DEVICE={device} names one device; {world} ranks need DEVICE=cuda (one GPU each) or cpu")
-    return device
+    return [shard_socket(socket_dir(env), rank) for rank in range(num_shard(env))]
 
 
 def rank_commands(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[list[str]]:
-    """One ``loraplex-shard`` command per rank; every other setting reaches the shards through its env twin."""
+    """One ``loraplex-shard`` command per rank. Only the rank's place is on its command line: every other
+    setting (DEVICE included, which the shard turns into this rank's GPU) reaches it through its env twin."""
     world = num_shard(env)
-    device = env.get("DEVICE") or "cpu"
-    master_port = env.get("MASTER_PORT") or "29500"
-    commands = []
-    for rank, address in enumerate(shard_addresses(env)):
-        flags = {
-            "--rank": str(rank),
-            "--num-shard": str(world),
-            "--listen": address,
-            "--device": rank_device(device, rank, world),
-            "--master-addr": MASTER_ADDR,
-            "--master-port": master_port,
-        }
-        commands.append(
-            [*command("loraplex-shard", "loraplex.shard.main"), *(t for kv in flags.items() for t in kv), *extra]
-        )
-    return commands
+    program = command("loraplex-shard", "loraplex.shard.main")
+    return [
+        shard_argv(program, rank, world, address, ["--master-addr", MASTER_ADDR, *extra])
+        for rank, address in enumerate(shard_addresses(env))
+    ]
 
 
-def _stop(procs: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+def drain_timeout(env: Mapping[str, str], extra: Sequence[str]) -> float:
+    """The ranks' --drain-timeout, read as they read it (without importing the shard, hence torch, here)."""
+    p = FlagParser(prog=PROG, environ=env, add_help=False)
+    add_drain_timeout_flag(p, "")
+    return float(p.parse_known(extra).drain_timeout)
 
 
 def run_shards(env: Mapping[str, str], extra: Sequence[str]) -> int:
@@ -123,7 +74,8 @@ def run_shards(env: Mapping[str, str], extra: Sequence[str]) -> int:
         commands = rank_commands(env, extra)
     except ValueError as exc:
         return _fail(str(exc))
-    sockets = Path(env.get("SHARD_SOCKET_DIR") or DEFAULT_SOCKET_DIR)
+    grace = stop_grace(drain_timeout(env, extra))
+    sockets = socket_dir(env)
     sockets.mkdir(parents=True, exist_ok=True)
     for stale in sockets.glob("shard-*.sock"):  # left by a previous container of this replica
         stale.unlink(missing_ok=True)
@@ -137,24 +89,12 @@ def run_shards(env: Mapping[str, str], extra: Sequence[str]) -> int:
         )
         if converted.returncode != 0:
             return converted.returncode
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
-    while not stopping:
-        for rank, p in enumerate(procs):
-            if p.poll() is not None:
-                print(f"{PROG}: shard rank {rank} exited with {p.returncode}; stopping its group", file=sys.stderr)
-                _stop(procs, 10.0)
-                return p.returncode or 1
-        time.sleep(0.2)
-    _stop(procs, STOP_GRACE)
-    return 0
+    supervisor = Supervisor(PROG)
+    supervisor.catch_signals()
+    ranks = [f"shard rank {rank}" for rank in range(len(commands))]
+    for role, cmd in zip(ranks, commands, strict=True):
+        supervisor.start(role, cmd, env)
+    return supervisor.run(stop_order=[ranks], grace=grace)
 
 
 def router_environment(env: Mapping[str, str]) -> dict[str, str]:
@@ -206,8 +146,9 @@ USAGE = f"usage: {PROG} router [router flags] | shards [shard flags] | health ro
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Empty settings need no special care here: every flag parser treats an empty twin as unset."""
     args = list(sys.argv[1:] if argv is None else argv)
-    env = without_empty_settings(os.environ if environ is None else environ)
+    env = dict(os.environ if environ is None else environ)
     if not args:
         return _fail(USAGE)
     role, rest = args[0], args[1:]

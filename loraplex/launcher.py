@@ -2,46 +2,43 @@
 
 from __future__ import annotations
 
-import shutil
-import signal
+import argparse
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from loraplex.common.flags import FlagParser, fail
+from loraplex.common.shutdown import stop_grace
 from loraplex.router.settings import add_serving_flags
+from loraplex.shard.main import parser as shard_parser
+from loraplex.supervisor import Supervisor, command, shard_argv, shard_socket
 
-GRACE_SECONDS = 30.0
+# Shard flags that place one rank in its group: the launcher chooses them, so it offers none of them.
+PLACEMENT = ("--listen", "--rank", "--master-addr", "--master-port")
 
 
 def parser() -> FlagParser:
+    """The router's serving flags, then every shard flag but the placement ones (with the shard's defaults)."""
     p = FlagParser(prog="loraplex-launcher", description=__doc__)
-    p.flag("--model-id", default="", help="checkpoint directory or hub id; empty: the embedded SmolLM2")
-    p.flag("--lora-adapters", default="", help="adapters to preload: name=/dir, /dir or hub/id[@rev]")
-    p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree")
-    p.flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.flag("--device", default="cpu")
-    p.flag("--max-lora-rank", type=int, default=128)
-    p.flag("--adapter-dirs", default="", help="comma list of roots for adapters loaded on demand")
-    p.flag("--max-active-adapters", type=int, default=64, help="adapters resident on the device at once")
-    p.flag("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
     p.flag("--startup-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     add_serving_flags(p)
+    p.adopt(shard_parser(), exclude=PLACEMENT)
     return p
 
 
-def _command(script: str, module: str) -> list[str]:
-    """The console script beside this interpreter (so that ``ps`` shows each role), else ``python -m``."""
-    path = Path(sys.executable).parent / script
-    if path.exists():
-        return [str(path)]
-    found = shutil.which(script)
-    return [found] if found else [sys.executable, "-m", module]
+def shard_flags(p: FlagParser, args: argparse.Namespace) -> list[str]:
+    """What every rank is told: the launcher's value of each flag the shard's parser defines (but the placement
+    flags and --num-shard, which ``shard_argv`` sets)."""
+    return p.to_argv(args, [name for name in shard_parser().flags if name not in (*PLACEMENT, "--num-shard")])
+
+
+def router_flags(p: FlagParser, args: argparse.Namespace) -> list[str]:
+    """What the router is told: the launcher's value of each serving flag."""
+    serving = FlagParser()
+    add_serving_flags(serving)
+    return p.to_argv(args, serving.flags)
 
 
 def _free_port() -> int:
@@ -58,118 +55,32 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
-    """Router first (it drains), then the shards; whoever ignores SIGTERM past the grace period is killed."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse(argv)
+    p = parser()
+    args = p.parse(argv)
     if args.num_shard < 1:
         fail("loraplex-launcher", "--num-shard must be at least 1")
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    supervisor = Supervisor("loraplex-launcher")
+    supervisor.catch_signals()
     with tempfile.TemporaryDirectory(prefix="loraplex-") as run_dir:
-        sockets = [f"unix://{Path(run_dir) / f'shard-{rank}.sock'}" for rank in range(args.num_shard)]
-        shards = []
-        master_port = str(_free_port())  # where the ranks meet for torch.distributed
-        for rank, sock in enumerate(sockets):
-            cmd = [
-                *_command("loraplex-shard", "loraplex.shard.main"),
-                "--listen",
-                sock,
-                "--rank",
-                str(rank),
-                "--num-shard",
-                str(args.num_shard),
-                "--master-port",
-                master_port,
-                "--dtype",
-                args.dtype,
-                "--device",
-                args.device,
-                "--max-batch-total-tokens",
-                str(args.max_batch_total_tokens),
-                "--max-lora-rank",
-                str(args.max_lora_rank),
-                "--max-active-adapters",
-                str(args.max_active_adapters),
-                "--max-cpu-adapters",
-                str(args.max_cpu_adapters),
-            ]
-            if args.adapter_dirs:
-                cmd += ["--adapter-dirs", args.adapter_dirs]
-            if args.model_id:
-                cmd += ["--model-id", args.model_id]
-            if args.lora_adapters:
-                cmd += ["--lora-adapters", args.lora_adapters]
-            if args.json_output:
-                cmd.append("--json-output")
-            shards.append(subprocess.Popen(cmd))
-        router_cmd = [*_command("loraplex-router", "loraplex.router.main"), "--shard-uds", ",".join(sockets)]
-        router_cmd += ["--connect-timeout", str(args.startup_timeout)]
-        for flag in (
-            "max_input_tokens",
-            "max_total_tokens",
-            "max_batch_prefill_tokens",
-            "max_batch_total_tokens",
-            "max_concurrent_requests",
-            "max_stop_sequences",
-            "max_top_n_tokens",
-            "max_batch_size",
-            "hostname",
-            "port",
-            "grpc_port",
-            "adapter_slot_patience",
-            "drain_timeout",
-            "max_body_bytes",
-            "admin_token",
-        ):
-            value = getattr(args, flag)
-            if value not in (None, ""):
-                router_cmd += [f"--{flag.replace('_', '-')}", str(value)]
-        if args.api_keys_file:
-            router_cmd += ["--api-keys-file", str(args.api_keys_file)]
-        if args.json_output:
-            router_cmd.append("--json-output")
-        router = subprocess.Popen(router_cmd)
-        procs = [router, *shards]
-        roles = {router.pid: "router", **{p.pid: f"shard {rank}" for rank, p in enumerate(shards)}}
+        sockets = [shard_socket(run_dir, rank) for rank in range(args.num_shard)]
+        # Where the ranks meet for torch.distributed: a free port, so that launchers side by side never clash.
+        flags = [*shard_flags(p, args), f"--master-port={_free_port()}"]
+        program = command("loraplex-shard", "loraplex.shard.main")
+        shards = [f"shard rank {rank}" for rank in range(args.num_shard)]
+        for rank, (role, sock) in enumerate(zip(shards, sockets, strict=True)):
+            supervisor.start(role, shard_argv(program, rank, args.num_shard, sock, flags))
+        router = [*command("loraplex-router", "loraplex.router.main"), f"--shard-uds={','.join(sockets)}"]
+        router += [f"--connect-timeout={args.startup_timeout}", *router_flags(p, args)]
+        supervisor.start("router", router)
         url = f"http://{'127.0.0.1' if args.hostname in ('0.0.0.0', '') else args.hostname}:{args.port}"
-        deadline = time.monotonic() + args.startup_timeout
-        ready = False
-        while not stopping:
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                print(
-                    f"loraplex-launcher: {roles[dead[0].pid]} exited with {dead[0].returncode}; stopping everything",
-                    file=sys.stderr,
-                )
-                _stop(procs, 5.0)
-                return 1
-            if not ready and _healthy(url):
-                ready = True
-                print(f"loraplex-launcher: serving on {url} (gRPC on port {args.grpc_port})", file=sys.stderr)
-            if not ready and time.monotonic() > deadline:
-                print("loraplex-launcher: the server did not become healthy in time", file=sys.stderr)
-                _stop(procs, 5.0)
-                return 1
-            time.sleep(0.5)
-        _stop(procs, GRACE_SECONDS)
-    return 0
+        return supervisor.run(
+            stop_order=[["router"], shards],
+            grace=stop_grace(args.drain_timeout),
+            ready=lambda: _healthy(url),
+            ready_timeout=args.startup_timeout,
+            on_ready=lambda: supervisor.say(f"serving on {url} (gRPC on port {args.grpc_port})"),
+        )
 
 
 if __name__ == "__main__":

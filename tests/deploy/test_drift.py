@@ -12,6 +12,7 @@ import pytest
 from loraplex.launcher import parser as launcher_parser
 from loraplex.router.settings import RouterSettings, router_parser, settings_from_args
 from loraplex.shard.main import parser as shard_parser
+from loraplex.shard.parallel import rank_device
 from tests.deploy.support import (
     CI_VALUES,
     DOCKER,
@@ -35,17 +36,21 @@ DEFAULTS = RouterSettings()
 def router_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> RouterSettings:
     """What ``loraplex-entrypoint router`` would start: the router's own parser and checks, on ``env``."""
     ep = entrypoint()
-    use_environ(monkeypatch, ep.router_environment(ep.without_empty_settings(env)))
+    use_environ(monkeypatch, ep.router_environment(env))
     return settings_from_args([])
 
 
 def rank_namespaces(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
     """What each ``loraplex-shard`` started by ``loraplex-entrypoint shards`` would parse."""
     ep = entrypoint()
-    clean = ep.without_empty_settings(env)
     prefix = len(ep.command("loraplex-shard", "loraplex.shard.main"))
-    use_environ(monkeypatch, clean)
-    return [shard_parser().parse(cmd[prefix:]) for cmd in ep.rank_commands(clean)]
+    use_environ(monkeypatch, env)
+    return [shard_parser().parse(cmd[prefix:]) for cmd in ep.rank_commands(env)]
+
+
+def rank_devices(ranks: list[argparse.Namespace]) -> list[str]:
+    """The device each rank runs on, by the shard's own rule."""
+    return [rank_device(ns.device, ns.rank, ns.num_shard) for ns in ranks]
 
 
 def test_the_parsers_have_the_twins_the_deployment_relies_on() -> None:
@@ -56,9 +61,8 @@ def test_the_parsers_have_the_twins_the_deployment_relies_on() -> None:
         launcher_parser().env_names.values()
     )
     assert (DEFAULTS.port, DEFAULTS.grpc_port) == (8080, 50051)
-    # The entry point's rendezvous port is the shard's default one.
-    assert shard_parser().get_default("master_port") == 29500
-    assert entrypoint().rank_commands({"NUM_SHARD": "1"})[0][-1] == "29500"
+    # The rendezvous port is the shard's own setting: the entry point does not choose one.
+    assert not [a for a in entrypoint().rank_commands({"NUM_SHARD": "1"})[0] if a.startswith("--master-port")]
 
 
 # ---- the Helm chart -------------------------------------------------------------------------------------
@@ -84,11 +88,13 @@ def test_chart_containers_pass_only_known_settings(path: Path, monkeypatch: pyte
     ranks = rank_namespaces(shard_env, monkeypatch)
     num_shard = values.get("numShard", 1)
     assert len(ranks) == num_shard == len(settings.shard_uds)
+    gpu = values.get("gpu", {}).get("enabled") is not False
+    expected = [f"cuda:{r}" for r in range(num_shard)] if num_shard > 1 else ["cuda"]
+    assert rank_devices(ranks) == (expected if gpu else ["cpu"] * num_shard)
     for rank, ns in enumerate(ranks):
         assert (ns.rank, ns.num_shard) == (rank, num_shard)
         # The router dials exactly the sockets the ranks listen on, rank 0 first.
         assert ns.listen == settings.shard_uds[rank]
-        assert ns.device == ("cpu" if values.get("gpu", {}).get("enabled") is False else f"cuda:{rank}")
         assert ns.max_batch_total_tokens == settings.max_batch_total_tokens
         assert ns.model_id == values.get("model", {}).get("id", "")
     # ... through a directory both containers mount from the same volume.
@@ -154,7 +160,7 @@ def test_compose_services_pass_only_known_settings(num_shard: int, monkeypatch: 
 
     ranks = rank_namespaces(shard_env, monkeypatch)
     assert [ns.listen for ns in ranks] == list(settings.shard_uds)
-    assert [ns.device for ns in ranks] == [f"cuda:{r}" for r in range(num_shard)]
+    assert rank_devices(ranks) == ([f"cuda:{r}" for r in range(num_shard)] if num_shard > 1 else ["cuda"])
     assert all(ns.num_shard == num_shard and ns.model_id == "" for ns in ranks)
 
 

@@ -13,29 +13,45 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.deploy.support import DOCKER, entrypoint
+from loraplex.common.shutdown import DRAIN_TIMEOUT, SERVER_STOP_GRACE, stop_grace
+from loraplex.shard.main import parser as shard_parser
+from loraplex.shard.parallel import rank_device
+from tests.deploy.support import DOCKER, entrypoint, use_environ
 from tests.factories import tiny_served_model
 from tests.servers import free_port
 
 SCRIPT = DOCKER / "entrypoint.py"
 
 
-def test_each_rank_gets_its_own_gpu() -> None:
+def test_each_rank_gets_its_own_gpu_by_the_shards_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry point puts only the rank's place on its command line; DEVICE reaches the shard, whose
+    rank_device (the one rule) gives rank i the i-th GPU."""
     ep = entrypoint()
-    assert [ep.rank_device("cuda", r, 4) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-    assert ep.rank_device("cpu", 1, 2) == "cpu"
-    assert ep.rank_device("cuda:3", 0, 1) == "cuda:3"
-    with pytest.raises(ValueError, match="DEVICE=cuda"):
-        ep.rank_device("cuda:1", 0, 2)
+    assert not hasattr(ep, "rank_device")
+    env = {"NUM_SHARD": "4", "DEVICE": "cuda"}
+    use_environ(monkeypatch, env)
+    prefix = len(ep.command("loraplex-shard", "loraplex.shard.main"))
+    ranks = [shard_parser().parse(cmd[prefix:]) for cmd in ep.rank_commands(env)]
+    assert [rank_device(ns.device, ns.rank, ns.num_shard) for ns in ranks] == [f"cuda:{r}" for r in range(4)]
+    assert {ns.master_addr for ns in ranks} == {"127.0.0.1"}
     with pytest.raises(ValueError, match="at least 1"):
         ep.shard_addresses({"NUM_SHARD": "0"})
 
 
-def test_empty_settings_count_as_unset_and_nothing_else_is_touched() -> None:
-    clean = entrypoint().without_empty_settings(
-        {"API_KEYS_FILE": "", "MAX_INPUT_TOKENS": "", "MODEL_ID": "m", "CUDA_VISIBLE_DEVICES": "", "X": ""}
-    )
-    assert clean == {"MODEL_ID": "m", "CUDA_VISIBLE_DEVICES": "", "X": ""}
+def test_empty_settings_count_as_unset() -> None:
+    ep = entrypoint()
+    assert ep.shard_addresses({"NUM_SHARD": "", "SHARD_SOCKET_DIR": ""}) == ["unix:///run/loraplex/shard-0.sock"]
+    assert ep.router_environment({"SHARD_UDS": ""})["SHARD_UDS"] == "unix:///run/loraplex/shard-0.sock"
+    assert ep.drain_timeout({"DRAIN_TIMEOUT": ""}, []) == DRAIN_TIMEOUT
+
+
+def test_the_stop_grace_follows_the_ranks_drain_timeout() -> None:
+    """The ranks' --drain-timeout, from their twin or the flags after ``shards``, sizes the group's stop grace."""
+    ep = entrypoint()
+    assert ep.drain_timeout({}, []) == DRAIN_TIMEOUT
+    assert ep.drain_timeout({"DRAIN_TIMEOUT": "7"}, ["--json-output"]) == 7.0
+    assert ep.drain_timeout({"DRAIN_TIMEOUT": "7"}, ["--json-output", "--drain-timeout", "3"]) == 3.0
+    assert stop_grace(3.0) > 3.0 + SERVER_STOP_GRACE
 
 
 def test_router_gets_the_sockets_unless_told_otherwise() -> None:
@@ -93,7 +109,7 @@ def group_env(tmp_path: Path) -> dict[str, str]:
         "MASTER_PORT": str(free_port()),
         "MAX_BATCH_TOTAL_TOKENS": "4096",
         "LORA_ADAPTERS": "",
-        "API_KEYS_FILE": "",  # would be Path("") without the entry point's empty-is-unset rule
+        "API_KEYS_FILE": "",  # would be Path("") if an empty twin were not unset
         "LORAPLEX_HOSTNAME": "127.0.0.1",
         "PORT": str(free_port()),
         "GRPC_PORT": str(free_port()),

@@ -1,4 +1,5 @@
-"""The launcher: starts shard and router as separate processes, serves, stops cleanly, fails loudly."""
+"""The launcher: forwards the shard's own flags, starts shard and router as separate processes, serves, stops cleanly,
+fails loudly; the supervisor it shares with the container entry point."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loraplex.common.shutdown import DRAIN_TIMEOUT
+from loraplex.launcher import PLACEMENT, router_flags, shard_flags
+from loraplex.launcher import parser as launcher_parser
+from loraplex.router.settings import router_parser, settings_from_args
+from loraplex.shard.lora.store import DEFAULT_MAX_LORA_RANK
+from loraplex.shard.main import parser as shard_parser
+from loraplex.supervisor import Supervisor, exit_status
 from tests.servers import free_port
 
 
@@ -151,3 +159,53 @@ def test_shard_with_missing_model_is_one_line_exit_2(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_launcher_offers_every_shard_flag_with_the_shards_twin_and_default() -> None:
+    launcher, shard = launcher_parser(), shard_parser()
+    for name, spec in shard.flags.items():
+        if name in PLACEMENT:
+            assert name not in launcher.flags
+            continue
+        assert launcher.flags[name].env == spec.env, name
+        assert launcher.get_default(spec.dest) == shard.get_default(spec.dest), name
+    assert launcher.get_default("max_lora_rank") == DEFAULT_MAX_LORA_RANK
+    assert launcher.get_default("drain_timeout") == DRAIN_TIMEOUT
+
+
+def test_flags_the_router_and_the_shard_share_have_one_default() -> None:
+    router, shard = router_parser(), shard_parser()
+    shared = router.flags.keys() & shard.flags.keys()
+    assert {"--drain-timeout", "--max-batch-total-tokens", "--json-output"} <= shared
+    for name in shared:
+        dest = shard.flags[name].dest
+        assert router.get_default(dest) == shard.get_default(dest), name
+
+
+def test_each_rank_and_the_router_get_the_launchers_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the launcher resolved (flag over twin) is what the children parse, even where their twins differ."""
+    monkeypatch.setenv("MAX_LORA_RANK", "64")
+    monkeypatch.setenv("KV_BLOCK_SIZE", "32")
+    p = launcher_parser()
+    argv = ["--max-lora-rank", str(DEFAULT_MAX_LORA_RANK), "--drain-timeout", "3", "--model-id=-odd", "--json-output"]
+    args = p.parse(argv)
+    rank = shard_parser().parse(shard_flags(p, args))
+    assert (rank.max_lora_rank, rank.block_size, rank.drain_timeout) == (DEFAULT_MAX_LORA_RANK, 32, 3.0)
+    assert (rank.model_id, rank.json_output) == ("-odd", True)
+    forwarded = [spec.dest for name, spec in shard_parser().flags.items() if name not in (*PLACEMENT, "--num-shard")]
+    assert {d: getattr(rank, d) for d in forwarded} == {d: getattr(args, d) for d in forwarded}
+    router = settings_from_args(["--shard-uds=unix:///x.sock", *router_flags(p, args)])
+    assert (router.drain_timeout, router.json_output) == (3.0, True)
+
+
+def test_exit_status_of_a_process_that_ended_unasked() -> None:
+    assert [exit_status(c) for c in (5, 0, -signal.SIGKILL)] == [5, 1, 128 + signal.SIGKILL]
+
+
+def test_the_supervisor_stops_the_rest_when_one_ends() -> None:
+    supervisor = Supervisor("test")
+    sleeper = supervisor.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    supervisor.start("quitter", [sys.executable, "-c", "raise SystemExit(3)"])
+    started = time.monotonic()
+    assert supervisor.run(stop_order=[["quitter"], ["sleeper"]], grace=60) == 3
+    assert sleeper.returncode == -signal.SIGTERM and time.monotonic() - started < 30
