@@ -7,12 +7,17 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 # grpcio-tools generates the gRPC stubs; it is a build tool here, not part of the image.
 RUN pip install --no-cache-dir "grpcio-tools>=1.70" "setuptools>=68" wheel
-COPY pyproject.toml README.md ./
+# A router-only project (docker/router-pyproject.toml): router/ becomes loraplex/router itself, not a link,
+# and shard/, kernels/, the launcher and the bench never enter this stage, so the wheel cannot name them.
+COPY docker/router-pyproject.toml pyproject.toml
+COPY docker/requirements-router.txt requirements-router.txt
 COPY proto proto
-COPY loraplex loraplex
-COPY router router
-# shard/ and kernels/ stay out: nothing in this image can import torch code by accident.
-RUN python -m loraplex.protogen && pip wheel --no-cache-dir --no-deps --no-build-isolation -w /wheels .
+COPY loraplex/__init__.py loraplex/protogen.py loraplex/supervisor.py loraplex/
+COPY loraplex/common loraplex/common
+COPY router loraplex/router
+# protogen is a build step (it needs grpcio-tools): it makes the stubs, then leaves.
+RUN python -m loraplex.protogen && rm loraplex/protogen.py \
+    && pip wheel --no-cache-dir --no-deps --no-build-isolation -w /wheels .
 
 FROM ${PYTHON_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends tini \
@@ -21,8 +26,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends tini \
 COPY docker/requirements-router.txt /tmp/requirements-router.txt
 RUN pip install --no-cache-dir -r /tmp/requirements-router.txt
 COPY --from=build /wheels /tmp/wheels
-# --no-deps: the project's own dependency list names torch; the router's come from requirements-router.txt.
-RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels /tmp/requirements-router.txt
+# The wheel requires exactly requirements-router.txt, installed (and cached as a layer) just above.
+RUN pip install --no-cache-dir /tmp/wheels/*.whl && rm -rf /tmp/wheels /tmp/requirements-router.txt
 COPY docker/entrypoint.py /usr/local/bin/loraplex-entrypoint
 # /data: the model volume (read-only here: the tokenizer); /run/loraplex: the shards' unix sockets.
 RUN chmod 0755 /usr/local/bin/loraplex-entrypoint \

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import json
 import re
+import subprocess
 import sys
+import sysconfig
 import tomllib
+import zipfile
+from collections.abc import Collection
+from email.parser import Parser
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.deploy.images import console_scripts, ignore_rules, in_context, play_build_stage, wheel_modules
 from tests.deploy.support import DOCKER, ROOT
 from tests.deploy.test_drift import dockerfile_instructions, final_stage
 
@@ -46,42 +54,32 @@ def distribution_closure(names: list[str]) -> set[str]:
     return seen
 
 
-def router_image_modules() -> dict[str, Path]:
-    """Our modules the router image runs: the closure of imports from loraplex.router.main and the entry point."""
-    found: dict[str, Path] = {}
-    queue = ["loraplex.router.main", "loraplex.launcher", "__entrypoint__"]
-    while queue:
-        name = queue.pop()
-        if name in found:
-            continue
-        path = DOCKER / "entrypoint.py" if name == "__entrypoint__" else module_path(name)
-        if path is None:
-            continue
-        found[name] = path
-        for imported in imports_of(path):
-            if imported.split(".")[0] == "loraplex":
-                queue.append(imported)
-    return found
-
-
-def module_path(name: str) -> Path | None:
-    base = ROOT / Path(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None  # a package directory without __init__ (the stub namespaces) or a name inside a module
-
-
-def imports_of(path: Path) -> set[str]:
+def imports_of(source: str) -> set[str]:
     """Every module an import statement names, including those inside functions (they run too)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
+
+
+@pytest.fixture(scope="module")
+def router_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return play_build_stage(DOCKER / "router.Dockerfile", tmp_path_factory.mktemp("router-build"))
+
+
+@pytest.fixture(scope="module")
+def shard_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return play_build_stage(DOCKER / "shard.Dockerfile", tmp_path_factory.mktemp("shard-build"))
+
+
+def unresolved(names: set[str], modules: Collection[str]) -> set[str]:
+    """Our imported names that are neither a module of ``modules`` nor a name inside one."""
+    ours = {n for n in names if n.split(".")[0] == "loraplex"}
+    return {n for n in ours if n not in modules and n.rpartition(".")[0] not in modules}
 
 
 def test_router_requirements_bring_no_torch() -> None:
@@ -100,17 +98,91 @@ def test_router_requirements_say_what_pyproject_says() -> None:
         assert req.specifier == deps[canonicalize_name(req.name)].specifier, req.name
 
 
-def test_everything_the_router_imports_is_in_its_image() -> None:
-    modules = router_image_modules()
-    assert {"loraplex.router.main", "loraplex.router.settings", "loraplex.common.flags", "__entrypoint__"} <= set(
-        modules
+def test_the_router_wheel_holds_the_router_and_nothing_of_the_shard(router_wheel: Path) -> None:
+    modules = wheel_modules(router_wheel)
+    assert {"loraplex.router.main", "loraplex.common.flags", "loraplex.supervisor"} <= set(modules)
+    assert {"loraplex.proto.shard.v1.shard_pb2_grpc", "loraplex.proto.v1.generate_pb2_grpc"} <= set(modules)
+    left_out = ("loraplex.shard", "loraplex.kernels", "loraplex.bench", "loraplex.launcher", "loraplex.protogen")
+    assert not [m for m in modules if m.startswith(left_out)], modules
+    with zipfile.ZipFile(router_wheel) as z:
+        assert {n.split("/")[0] for n in z.namelist() if ".dist-info/" not in n} == {"loraplex"}
+        (metadata,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = Parser().parsestr(z.read(metadata).decode()).get_all("Requires-Dist") or []
+    # Its dependencies are requirements-router.txt, nothing more: the image installs them without torch.
+    assert sorted(map(str, map(Requirement, requires))) == sorted(map(str, requirements(ROUTER_REQUIREMENTS)))
+
+
+def test_every_console_script_of_each_image_resolves_to_a_module_it_has(router_wheel: Path, shard_wheel: Path) -> None:
+    assert console_scripts(router_wheel) == {"loraplex-router": "loraplex.router.main:main"}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # The shard image still has everything: every script the project defines.
+    assert console_scripts(shard_wheel) == pyproject["project"]["scripts"]
+    for wheel in (router_wheel, shard_wheel):
+        modules = wheel_modules(wheel)
+        for script, target in console_scripts(wheel).items():
+            module, _, function = target.partition(":")
+            assert module in modules, (wheel.name, script)
+            assert f"def {function}(" in modules[module], (wheel.name, script)
+        # The entry point (the same script in both images) imports only what each image has.
+        assert not unresolved(imports_of((DOCKER / "entrypoint.py").read_text()), modules), wheel.name
+
+
+def test_the_shard_wheel_holds_every_part(shard_wheel: Path) -> None:
+    modules = wheel_modules(shard_wheel)
+    for name in ("loraplex.shard.main", "loraplex.kernels", "loraplex.router.main", "loraplex.launcher"):
+        assert name in modules, name
+    with zipfile.ZipFile(shard_wheel) as z:
+        assert "loraplex/kernels/lora_sgmv.cu" in z.namelist()
+    for name, source in modules.items():
+        assert not unresolved(imports_of(source), modules), name
+
+
+# Run in the router image's place: its wheel and the venv's third-party packages, without the editable
+# install of this repository (``-S``: no .pth files), so that nothing of the shard can be found.
+IN_ROUTER_IMAGE = """
+import importlib, importlib.metadata, importlib.util, json, pkgutil, runpy, sys
+site, purelib, entrypoint, sockets = sys.argv[1:]
+sys.path[:0] = [site]
+sys.path.append(purelib)
+import loraplex
+assert loraplex.__file__.startswith(site), loraplex.__file__
+for module in pkgutil.walk_packages(loraplex.__path__, "loraplex."):
+    importlib.import_module(module.name)
+scripts = {ep.name: ep.load().__module__ for ep in importlib.metadata.entry_points(group="console_scripts")
+           if ep.dist.name == "loraplex-router"}
+ep = runpy.run_path(entrypoint, run_name="entrypoint")
+health = ep["main"](["health", "shards"], {"SHARD_SOCKET_DIR": sockets})
+print(json.dumps({"scripts": scripts, "shard": importlib.util.find_spec("loraplex.shard") is not None,
+                  "modules": sorted(sys.modules), "health": health}))
+"""
+
+
+def test_everything_in_the_router_image_imports_without_the_shard(router_wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    zipfile.ZipFile(router_wheel).extractall(site)
+    purelib = sysconfig.get_paths()["purelib"]
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", IN_ROUTER_IMAGE, str(site), purelib, str(DOCKER / "entrypoint.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
     )
-    # shard/ and kernels/ are not copied into the router image: nothing it runs may import them.
-    assert not [m for m in modules if m.split(".")[:2] in (["loraplex", "shard"], ["loraplex", "kernels"])], modules
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert seen["scripts"] == {"loraplex-router": "loraplex.router.main"}
+    assert not seen["shard"]
+    assert not [m for m in seen["modules"] if m.split(".")[0] in ("torch", "transformers", "cupy")]
+    assert seen["health"] == 1  # the shard probe ran (grpc, the stubs) and found no rank listening
+
+
+def test_everything_the_router_imports_is_installed_in_its_image(router_wheel: Path) -> None:
+    sources = [*wheel_modules(router_wheel).values(), (DOCKER / "entrypoint.py").read_text()]
     third_party = {
         name.split(".")[0]
-        for path in modules.values()
-        for name in imports_of(path)
+        for source in sources
+        for name in imports_of(source)
         if name.split(".")[0] not in sys.stdlib_module_names and name.split(".")[0] != "loraplex"
     }
     assert {"grpc", "fastapi", "tokenizers"} <= third_party
@@ -125,22 +197,23 @@ def test_the_generated_stubs_need_only_grpc_and_protobuf() -> None:
     """The router imports the shard and public stubs; make them, then read what they import."""
     stubs = list((ROOT / "loraplex" / "proto").rglob("*_pb2*.py"))
     assert len(stubs) >= 4, "stubs missing: `make install` generates them"
-    roots = {n.split(".")[0] for p in stubs for n in imports_of(p)} - set(sys.stdlib_module_names)
+    roots = {n.split(".")[0] for p in stubs for n in imports_of(p.read_text())} - set(sys.stdlib_module_names)
     assert roots <= {"grpc", "google", "loraplex"}, roots
 
 
-def test_router_dockerfile_installs_the_project_without_its_dependencies() -> None:
+def test_router_dockerfile_copies_no_shard_code_and_installs_no_torch() -> None:
     dockerfile = DOCKER / "router.Dockerfile"
-    installs = [args for op, args in final_stage(dockerfile) if op == "RUN" and "pip install" in args]
-    assert installs
-    for args in installs:
-        for command in re.findall(r"pip install[^&;]*", args):
-            assert "-r /tmp/requirements-router.txt" in command or "--no-deps" in command, command
     instructions = dockerfile_instructions(dockerfile)
     assert not [a for _, a in instructions if re.search(r"\btorch\b", a)]
-    copied = [a.split()[0] for op, a in instructions if op == "COPY" and not a.startswith("--from")]
-    assert not [c for c in copied if c.startswith(("shard", "kernels"))], copied
-    assert "docker/requirements-router.txt" in copied
+    sources = [src for op, a in instructions if op == "COPY" and not a.startswith("--from") for src in a.split()[:-1]]
+    # Not loraplex/ whole either: its shard and kernels links would come along, dangling.
+    assert not [s for s in sources if s.startswith(("shard", "kernels")) or s in ("loraplex", "pyproject.toml")]
+    assert "docker/router-pyproject.toml" in sources and "docker/requirements-router.txt" in sources
+    installs = [a for op, a in final_stage(dockerfile) if op == "RUN" and "pip install" in a]
+    assert "-r /tmp/requirements-router.txt" in installs[0] and "/tmp/wheels/*.whl" in installs[1]
+    rules = ignore_rules(dockerfile)
+    assert not in_context("shard/main.py", rules) and not in_context("kernels/lora_sgmv.cu", rules)
+    assert not in_context("loraplex/shard", rules) and not in_context("loraplex/launcher.py", rules)
 
 
 def test_shard_dockerfile_pins_cuda_torch_like_pyproject_and_the_makefile() -> None:
@@ -162,10 +235,12 @@ def test_shard_dockerfile_pins_cuda_torch_like_pyproject_and_the_makefile() -> N
 def test_build_contexts_hold_what_the_dockerfiles_copy() -> None:
     """Each Dockerfile's own .dockerignore excludes everything (.venv, .git, tests) but what COPY needs."""
     for image in ("router", "shard"):
-        ignore = (DOCKER / f"{image}.Dockerfile.dockerignore").read_text().splitlines()
-        assert ignore[ignore.index("**") if "**" in ignore else -1] == "**"
-        allowed = [line[1:].removesuffix("/**") for line in ignore if line.startswith("!")]
-        for op, args in dockerfile_instructions(DOCKER / f"{image}.Dockerfile"):
+        dockerfile = DOCKER / f"{image}.Dockerfile"
+        rules = ignore_rules(dockerfile)
+        assert rules[0] == ("**", False)
+        assert not in_context(".venv/bin/python", rules) and not in_context("tests/deploy/support.py", rules)
+        for op, args in dockerfile_instructions(dockerfile):
             if op == "COPY" and not args.startswith("--from"):
-                source = args.split()[0]
-                assert any(source == a or source.startswith(a + "/") for a in allowed), (image, source)
+                for source in args.split()[:-1]:
+                    files = [ROOT / source] if (ROOT / source).is_file() else (ROOT / source).rglob("*.*")
+                    assert any(in_context(f.relative_to(ROOT).as_posix(), rules) for f in files), (image, source)
