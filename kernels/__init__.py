@@ -1,1 +1,1 @@
-"""SGMV/BGMV LoRA kernels: the pure-PyTorch reference (the CPU path) and the CUDA launcher."""
+"""LoRA SGMV/BGMV ops: the CUDA kernels, their PyTorch reference, and the batched-matmul CPU path."""

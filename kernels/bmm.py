@@ -1,9 +1,4 @@
-"""SGMV as one ``bmm`` per half over chunks of one adapter each: the CPU path.
-
-Weights arrive stacked per chunk (``[num_chunks, in, rank]`` and ``[num_chunks, rank, out]``), so a
-whole batch, whatever its mix of adapters, costs one ``bmm`` per half: there is no loop over adapters.
-Decode batches, with one row per adapter, are the BGMV case of the same code (``chunk_len == 1``).
-"""
+"""SGMV as one ``bmm`` per half over chunks of one adapter each (``Segments``' chunk layout): the CPU path."""
 
 from __future__ import annotations
 
@@ -23,7 +18,11 @@ def gather_rows(x: torch.Tensor, segs: Segments) -> torch.Tensor:
 
 
 def sgmv_shrink(x_padded: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``v = x · A`` per chunk: ``[C, L, in] × [C, in, R] → [C, L, R]``, in A's dtype."""
+    """``v = x · A`` per chunk: ``[C, L, in] × [C, in, R] → [C, L, R]``, in A's dtype.
+
+    Weights come stacked per chunk, so a batch costs one ``bmm`` whatever its mix of adapters (no loop
+    over adapters); decode, one row per adapter, is the BGMV case of the same code (``chunk_len == 1``).
+    """
     return torch.bmm(x_padded.to(a.dtype), a)
 
 

@@ -21,7 +21,7 @@ LONG_SEGMENT = 4
 
 
 class KernelError(ValueError):
-    """Arguments the kernels cannot take (the caller falls back to the reference, or fixes its call)."""
+    """Arguments the kernels cannot take (the caller falls back to the PyTorch plan, or fixes its call)."""
 
 
 def available() -> bool:

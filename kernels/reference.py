@@ -1,7 +1,4 @@
-"""Pure-PyTorch ``shrink`` and ``expand`` with the CUDA launcher's signature and semantics: the kernels' oracle.
-
-One small matmul per segment, so it is slow on mixed batches; the CPU path is ``kernels/bmm.py``.
-"""
+"""``shrink`` and ``expand`` in plain PyTorch, with ``kernels/cuda.py``'s signature and semantics: its oracle."""
 
 from __future__ import annotations
 
@@ -18,7 +15,10 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 def shrink(x: torch.Tensor, segs: Segments, a: SegmentWeights, layer: int) -> torch.Tensor:
-    """``v[i, :r_s] = x[rows[i]] · A_s`` for every listed row; ``v`` is ``[n, max_rank]``, zero past each rank."""
+    """``v[i, :r_s] = x[rows[i]] · A_s`` for every listed row; ``v`` is ``[n, max_rank]``, zero past each rank.
+
+    One matmul per segment: slow on mixed batches, which is why the CPU path is ``kernels/bmm.py``.
+    """
     acc = _accumulator(x.dtype)
     v = torch.zeros(segs.num_rows, segs.max_rank, dtype=acc, device=x.device)
     rows, bounds, ranks = segs.rows.long(), segs.indptr.tolist(), segs.ranks.tolist()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +80,7 @@ class Segments:
         identity = bool(flat) and len(chunk_segments) * chunk_len == batch and flat == list(range(batch)) == slots
         pinned = torch.cuda.is_available() and torch.device(device).type == "cuda"
 
-        def upload(values: Any) -> torch.Tensor:
+        def upload(values: Sequence[int] | np.ndarray) -> torch.Tensor:
             host = torch.as_tensor(np.asarray(values, dtype=np.int32))
             return host.pin_memory().to(device, non_blocking=True) if pinned else host.to(device)
 

@@ -27,21 +27,15 @@ def _libc() -> ctypes.CDLL | None:
 def keep_freed_memory() -> bool:
     """Serve the model's allocations from one heap that glibc neither unmaps nor trims by itself.
 
-    With glibc's defaults a 4,096-token prefill of SmolLM2 page-faulted 300,000-450,000 times (1.2-1.8 GB
-    of pages zeroed by the kernel) because large activations were mmapped and unmapped, or the heap trimmed
-    and regrown, at every layer; with this policy it faults only the first time a batch size is seen
-    (prefill 6 % faster for the base model, 20 % with 32 distinct rank-16 adapters, measured on the gRPC
-    worker threads that run the model). One arena, because a thread's own arena grows in 64 MiB heaps,
-    too small for a prefill's activations. The price: RSS stays at its high-water mark until
-    ``release_freed_memory`` runs (adapter unloads call it), and the heap needs a few passes to settle:
-    torch's aligned allocations ask for slightly more than a block it freed, so the heap grows until freed
-    neighbours coalesce (8-11 rounds of one 64 MiB activation in tests/shard/test_allocator.py).
-    Trimming is off altogether, not merely above some size: with a 1 GiB threshold, a decode batch of 64
-    rank-16 all-projection adapters (1.25 GB of LoRA stacks) freed at the heap's top went back to the OS and
-    was faulted in again at the next build, 150,000-200,000 faults and ~1 s on the model thread each time
-    (an in-process bfloat16 SmolLM2 pass of that workload: 12.3-12.9 s with the threshold, 10.5-11.5 without).
-    Call it once, before the model is built.
-    Returns whether the policy could be applied.
+    With glibc's defaults, large activations are mmapped and unmapped, or the heap trimmed and regrown, at
+    every layer, so each forward pass faults its activations in again (pages the kernel must zero); kept,
+    a batch shape faults only the first time it is seen. One arena, because a thread's own arena grows in
+    64 MiB heaps, too small for a prefill's activations. No trimming at any size: a large block freed at
+    the heap's top (a decode batch's LoRA stacks) would go back to the OS and fault in again at the next
+    plan. The price: RSS stays at its high-water mark until ``release_freed_memory`` runs (adapter unloads
+    call it), and the heap needs a few passes to settle, since torch's aligned allocations ask for
+    slightly more than a block it freed and the heap grows until freed neighbours coalesce.
+    Call it once, before the model is built; returns whether the policy could be applied.
     """
     libc = _libc()
     if libc is None:

@@ -192,10 +192,9 @@ def load_adapter(
 def _pieces(per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]]) -> list[list[str]]:
     """Projections grouped into pieces of about ``PIECE_BYTES`` of source weights (a projection is never split).
 
-    Each piece waits for a turn between two forward steps, so a piece per projection made a small adapter
-    wait five steps for a few milliseconds of work (cold adapters then held their requests back: the
-    1,000-adapter Zipf workload ran 15 % slower cold than warm); big adapters still go one projection at
-    a time.
+    Each piece waits for a turn between two forward steps, and the adapter's requests wait for the whole
+    load: a small adapter goes in one or two turns rather than one per projection, while a big one still
+    goes about one projection a turn, so no step is delayed by much.
     """
     pieces: list[list[str]] = []
     size = 0
