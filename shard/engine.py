@@ -49,7 +49,7 @@ class BatchError(ValueError):
 
 
 def _on_model_thread(method: Callable[Concatenate[ShardEngine, P], T]) -> Callable[Concatenate[ShardEngine, P], T]:
-    """The method runs on the service's model thread, whichever thread calls it (``shard/model_thread.py``)."""
+    """The method runs on the engine's model thread, whichever thread calls it (``shard/model_thread.py``)."""
 
     @functools.wraps(method)
     def run(self: ShardEngine, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -64,6 +64,8 @@ class ShardEngine:
     pieces the store runs through ``model.between_steps``) runs on one model thread, under its lock."""
 
     def __init__(self, runner: ModelRunner, store: AdapterStore, model: ModelThread) -> None:
+        if store.pace != model.between_steps:  # loads would otherwise compete with steps from gRPC threads
+            raise ValueError("the adapter store must pace its loads with the engine's model thread")
         self.runner = runner
         self.store = store
         self.model = model

@@ -65,3 +65,9 @@ def test_steps_run_on_the_model_thread_whoever_calls(engine: ShardEngine, monkey
     engine.prefill(1, [NewRequest(1, [1, 2, 3])])
     engine.clear(1)
     assert seen == ["model"]
+
+
+def test_an_engine_refuses_a_store_that_loads_off_its_model_thread(engine: ShardEngine) -> None:
+    unpaced = AdapterStore(engine.runner.model.config, dtype=torch.float32)
+    with pytest.raises(ValueError, match="pace"):
+        ShardEngine(engine.runner, unpaced, engine.model)
