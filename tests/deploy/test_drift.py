@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
+from loraplex.common.shutdown import DRAIN_TIMEOUT, SERVER_STOP_GRACE, stop_grace
 from loraplex.launcher import parser as launcher_parser
 from loraplex.router.settings import RouterSettings, router_parser, settings_from_args
 from loraplex.shard.main import parser as shard_parser
 from loraplex.shard.parallel import rank_device
 from tests.deploy.support import (
+    CHART,
     CI_VALUES,
     DOCKER,
     IMAGE_ENV,
@@ -224,3 +226,25 @@ def test_the_embedded_model_cache_follows_loraplex_cache(tmp_path: Path, monkeyp
 
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
     assert default_cache_root() == tmp_path / "cache"
+
+
+# ---- shutdown ------------------------------------------------------------------------------------------
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, duration
+    return float(match[1])
+
+
+def test_stop_grace_periods_cover_the_drains_at_the_code_default() -> None:
+    """compose stops the router, then the shards, each with its own period; the kubelet gives the pod one period
+    for the router's drain and then the shard sidecar's."""
+    drain = RouterSettings().drain_timeout
+    assert drain == shard_parser().get_default("drain_timeout") == DRAIN_TIMEOUT
+    services = compose_config()["services"]
+    assert seconds(services["router"]["stop_grace_period"]) >= drain + SERVER_STOP_GRACE
+    assert seconds(services["shards"]["stop_grace_period"]) >= stop_grace(drain)
+    values = load_values(CHART / "values.yaml")
+    assert values["serving"]["drainTimeout"] == drain
+    assert values["terminationGracePeriodSeconds"] >= 2 * drain + SERVER_STOP_GRACE
