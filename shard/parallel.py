@@ -44,7 +44,7 @@ class TensorParallel:
             intermediate_size=config.intermediate_size // self.world,
         )
 
-    def _heads(self, total: int, config: ModelConfig) -> range:
+    def _heads(self, total: int) -> range:
         if total >= self.world:
             per = total // self.world
             return range(self.rank * per, (self.rank + 1) * per)
@@ -63,7 +63,7 @@ class TensorParallel:
         if proj.split_dim == "mlp":
             per = config.intermediate_size // self.world
             return slice(self.rank * per, (self.rank + 1) * per)
-        r = self._heads(config.num_heads if proj.split_dim == "q" else config.num_kv_heads, config)
+        r = self._heads(config.num_heads if proj.split_dim == "q" else config.num_kv_heads)
         return slice(r.start * config.head_dim, r.stop * config.head_dim)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,10 +50,6 @@ class TorchLoraPlan:
             offsets = {p.name: p.offset(config) for p in projs}
             self._sites[site] = self._build_site(projs, offsets)
 
-    @property
-    def empty(self) -> bool:
-        return not any(self._sites.values())
-
     def _build_site(self, site: tuple[Projection, ...], offsets: dict[str, int]) -> list[_Group]:
         projs = tuple(p.name for p in site)
         buckets: dict[int, dict[int, LoraAdapter]] = {}
