@@ -15,14 +15,3 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
         assert old.is_file(), f"{old} is missing: run make install"
         assert new.read_bytes() == old.read_bytes(), f"{old.relative_to(ROOT)} is stale: run make install"
 
-
-def test_public_and_internal_adapter_info_share_their_wire_format() -> None:
-    """The router forwards the shards' AdapterInfo by re-parsing its bytes: fields must keep their numbers."""
-    from loraplex.proto.shard.v1 import shard_pb2
-    from loraplex.proto.v1 import generate_pb2
-
-    public = {f.name: (f.number, f.type) for f in generate_pb2.AdapterInfo.DESCRIPTOR.fields}
-    internal = {f.name: (f.number, f.type) for f in shard_pb2.AdapterInfo.DESCRIPTOR.fields}
-    assert public == internal
-    sample = shard_pb2.AdapterInfo(id="a/b", rank=8, targets=["q_proj"], bytes=10, tier="host", requests=3)
-    assert generate_pb2.AdapterInfo.FromString(sample.SerializeToString()).targets == ["q_proj"]
