@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplex.shard.projections import PROJECTIONS
-
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -47,10 +45,6 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def projection_shape(self, name: str) -> tuple[int, int]:
-        """(in_features, out_features) of one of the seven adaptable projections (``shard/projections.py``)."""
-        return PROJECTIONS[name].shape(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

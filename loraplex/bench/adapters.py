@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraplex.shard.config import ModelConfig
-from loraplex.shard.lora.config import PROJECTIONS
+from loraplex.shard.projections import PROJECTIONS
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_PROJECTIONS = tuple(PROJECTIONS)
@@ -62,8 +62,8 @@ def write_adapter(
     tensors = {}
     for layer in range(config.num_layers):
         for proj in targets:
-            in_f, out_f = config.projection_shape(proj)
-            prefix = f"base_model.model.model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
+            in_f, out_f = PROJECTIONS[proj].shape(config)
+            prefix = f"base_model.model.model.layers.{layer}.{PROJECTIONS[proj].module}.{proj}"
             a_scale, b_scale = (std, std) if std is not None else (in_f**-0.5, 0.01)
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * a_scale
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * b_scale
@@ -100,5 +100,5 @@ def ensure_adapters(root: Path, model_dir: Path, spec: AdapterSpec, indices: Ite
 def adapter_numel(model_dir: Path, rank: int, targets: Sequence[str]) -> int:
     """Elements of one adapter's A and B over all layers."""
     config = ModelConfig.from_dir(model_dir)
-    per_layer = sum(rank * sum(config.projection_shape(p)) for p in targets)
+    per_layer = sum(rank * sum(PROJECTIONS[p].shape(config)) for p in targets)
     return per_layer * config.num_layers

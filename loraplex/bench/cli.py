@@ -78,7 +78,7 @@ def run_parser() -> FlagParser:
 
 
 def suite_parser() -> FlagParser:
-    p = FlagParser(prog="loraplex-bench suite", description="The six performance targets: loraplex and its baselines on one machine, one run.")
+    p = FlagParser(prog="loraplex-bench suite", description="Six performance targets: loraplex vs baselines.")
     p.flag("--model-id", env="BENCH_MODEL_ID", default="", help="default: the embedded SmolLM2")
     p.flag("--dtypes", env="BENCH_DTYPES", default="float32,bfloat16")
     p.flag("--out", env="BENCH_OUT", type=Path, default=Path("bench-results"))

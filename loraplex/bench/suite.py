@@ -1,4 +1,4 @@
-"""The ``make bench`` suite: the six targets' workloads and baselines on one machine in one run, with ratios and plots."""
+"""The ``make bench`` suite: the six targets' workloads and baselines in one run, with ratios and plots."""
 
 from __future__ import annotations
 

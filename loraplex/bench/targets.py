@@ -1,4 +1,4 @@
-"""The six performance targets from a suite's summaries, and the cost-per-token curves against the number of adapters."""
+"""The six performance targets from a suite's summaries, and the cost-per-token curves against adapters."""
 
 from __future__ import annotations
 

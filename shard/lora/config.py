@@ -9,11 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.shard.projections import PROJECTIONS as TABLE
+from loraplex.shard.projections import PROJECTIONS
 
-# Name -> sub-module, a view of the projection table for the callers outside the shard that read it
-# (loraplex.bench); the shard itself reads ``loraplex.shard.projections``.
-PROJECTIONS: dict[str, str] = {name: p.module for name, p in TABLE.items()}
 # Modules that exist in the architecture but that a LoRA adapter may not target here.
 _OTHER_MODULES = (
     "embed_tokens",
@@ -69,7 +66,7 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
 
 def _check_targets(targets: Any) -> tuple[str, ...] | str:
     if targets == "all-linear":
-        return tuple(TABLE)
+        return tuple(PROJECTIONS)
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -79,16 +76,16 @@ def _check_targets(targets: Any) -> tuple[str, ...] | str:
             if pattern.fullmatch(f"model.{other}") or pattern.fullmatch(other):
                 raise AdapterError(
                     "unsupported_target",
-                    f"target_modules matches {other!r}; only {', '.join(TABLE)} can be adapted",
+                    f"target_modules matches {other!r}; only {', '.join(PROJECTIONS)} can be adapted",
                 )
         return targets
     if not isinstance(targets, list | tuple) or not targets:
         raise AdapterError("bad_config", "target_modules must be a non-empty list or a regular expression")
-    bad = [t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in TABLE]
+    bad = [t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in PROJECTIONS]
     if bad:
         raise AdapterError(
             "unsupported_target",
-            f"target_modules {bad} do not exist in this architecture; supported: {', '.join(TABLE)}",
+            f"target_modules {bad} do not exist in this architecture; supported: {', '.join(PROJECTIONS)}",
         )
     return tuple(targets)
 
