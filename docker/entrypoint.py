@@ -61,7 +61,8 @@ def rank_commands(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[lis
 
 
 def drain_timeout(env: Mapping[str, str], extra: Sequence[str]) -> float:
-    """The ranks' --drain-timeout, read as they read it (without importing the shard, hence torch, here)."""
+    """The ranks' --drain-timeout, read as they read it: by the flag's one definition, not the shard's parser
+    (loraplex.shard.settings), which the router image, running this script too, does not have."""
     p = FlagParser(prog=PROG, environ=env, add_help=False)
     add_drain_timeout_flag(p, "")
     return float(p.parse_known(extra).drain_timeout)

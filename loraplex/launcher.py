@@ -12,7 +12,7 @@ import urllib.request
 from loraplex.common.flags import FlagParser, fail
 from loraplex.common.shutdown import stop_grace
 from loraplex.router.settings import add_serving_flags
-from loraplex.shard.main import parser as shard_parser
+from loraplex.shard.settings import shard_parser
 from loraplex.supervisor import Supervisor, command, shard_argv, shard_socket
 
 # Shard flags that place one rank in its group: the launcher chooses them, so it offers none of them.

@@ -9,10 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-from loraplex.common.defaults import MAX_BATCH_TOTAL_TOKENS
-from loraplex.common.flags import FlagParser, fail
+from loraplex.common.flags import fail
 from loraplex.common.logs import setup_logging
-from loraplex.common.shutdown import SERVER_STOP_GRACE, add_drain_timeout_flag
+from loraplex.common.shutdown import SERVER_STOP_GRACE
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.shard.allocator import keep_freed_memory
 from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
@@ -22,45 +21,18 @@ from loraplex.shard.engine import ShardEngine
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.lora.sources import parse_adapter_specs, resolve_adapter_source
-from loraplex.shard.lora.store import DEFAULT_MAX_LORA_RANK, AdapterStore
+from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.model_thread import ModelThread
 from loraplex.shard.parallel import TensorParallel, init_tensor_parallel, rank_device
 from loraplex.shard.runner import build_runner, parse_dtype
 from loraplex.shard.server import EngineServicer, serve
+from loraplex.shard.settings import shard_parser
 
 log = logging.getLogger("loraplex.shard")
 
 
-def parser() -> FlagParser:
-    p = FlagParser(prog="loraplex-shard", description=__doc__)
-    p.flag("--model-id", default="", help="checkpoint directory or hub id; empty: the embedded SmolLM2")
-    p.flag("--lora-adapters", default="", help="adapters to preload: name=/dir, /dir or hub/id[@rev], comma separated")
-    p.flag(
-        "--listen", env="SHARD_LISTEN", default="unix:///tmp/loraplex-shard-0.sock", help="unix:///path or host:port"
-    )
-    p.flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.flag("--device", default="cpu", help="cpu or cuda[:N]")
-    p.flag("--max-batch-total-tokens", type=int, default=MAX_BATCH_TOTAL_TOKENS, help="KV cache size in tokens")
-    p.flag("--block-size", env="KV_BLOCK_SIZE", type=int, default=16)
-    p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
-    p.flag(
-        "--adapter-dirs",
-        default="",
-        help="comma list of roots; an adapter id that was not preloaded loads on demand from <root>/<id>",
-    )
-    p.flag("--max-active-adapters", type=int, default=64, help="adapters resident on the device at once")
-    p.flag("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
-    p.flag("--rank", type=int, default=0, help="this process's tensor-parallel rank")
-    p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree (number of shard processes)")
-    p.flag("--master-addr", default="127.0.0.1", help="where rank 0 listens for the process group")
-    p.flag("--master-port", type=int, default=29500)
-    add_drain_timeout_flag(p, "on SIGTERM, seconds to wait for cached batches to end")
-    p.flag("--json-output", action="store_true", help="JSON log lines")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse(argv)
+    args = shard_parser().parse(argv)
     setup_logging(args.json_output)
     keep_freed_memory()  # before the model is built: its activations then reuse freed memory
     if args.max_batch_total_tokens < args.block_size or args.block_size < 1:

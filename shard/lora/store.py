@@ -15,8 +15,7 @@ from loraplex.shard.lora.adapter import LoraAdapter, Pace, load_adapter
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.parallel import TensorParallel
-
-DEFAULT_MAX_LORA_RANK = 128
+from loraplex.shard.settings import DEFAULT_MAX_LORA_RANK
 
 
 @dataclass

@@ -12,8 +12,8 @@ import pytest
 from loraplex.common.shutdown import DRAIN_TIMEOUT, SERVER_STOP_GRACE, stop_grace
 from loraplex.launcher import parser as launcher_parser
 from loraplex.router.settings import RouterSettings, router_parser, settings_from_args
-from loraplex.shard.main import parser as shard_parser
 from loraplex.shard.parallel import rank_device
+from loraplex.shard.settings import shard_parser
 from tests.deploy.support import (
     CHART,
     CI_VALUES,

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from loraplex.common.shutdown import DRAIN_TIMEOUT, SERVER_STOP_GRACE, stop_grace
-from loraplex.shard.main import parser as shard_parser
 from loraplex.shard.parallel import rank_device
+from loraplex.shard.settings import shard_parser
 from tests.deploy.support import DOCKER, entrypoint, use_environ
 from tests.factories import tiny_served_model
 from tests.servers import free_port

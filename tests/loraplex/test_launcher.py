@@ -18,8 +18,7 @@ from loraplex.common.shutdown import DRAIN_TIMEOUT
 from loraplex.launcher import PLACEMENT, router_flags, shard_flags
 from loraplex.launcher import parser as launcher_parser
 from loraplex.router.settings import router_parser, settings_from_args
-from loraplex.shard.lora.store import DEFAULT_MAX_LORA_RANK
-from loraplex.shard.main import parser as shard_parser
+from loraplex.shard.settings import DEFAULT_MAX_LORA_RANK, shard_parser
 from loraplex.supervisor import Supervisor, exit_status
 from tests.servers import free_port
 
@@ -159,6 +158,14 @@ def test_shard_with_missing_model_is_one_line_exit_2(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_launcher_and_the_shards_flags_import_no_torch() -> None:
+    """The launcher outlives everything it starts: reading the shard's flags must not load torch (~1.7 s and
+    hundreds of MB in a process that only supervises). A fresh interpreter, away from the repository."""
+    code = "import sys, loraplex.launcher, loraplex.shard.settings; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "False"), proc.stderr
 
 
 def test_the_launcher_offers_every_shard_flag_with_the_shards_twin_and_default() -> None:

@@ -1,0 +1,41 @@
+"""The shard's flags and their environment twins, without torch: the launcher reads them in a long-lived process."""
+
+from __future__ import annotations
+
+from loraplex.common.defaults import MAX_BATCH_TOTAL_TOKENS
+from loraplex.common.flags import FlagParser
+from loraplex.common.shutdown import add_drain_timeout_flag
+
+DEFAULT_MAX_LORA_RANK = 128
+
+
+def shard_parser() -> FlagParser:
+    p = FlagParser(
+        prog="loraplex-shard",
+        description="``loraplex-shard``: one tensor-parallel rank serving the internal gRPC API on a unix socket "
+        "or port.",
+    )
+    p.flag("--model-id", default="", help="checkpoint directory or hub id; empty: the embedded SmolLM2")
+    p.flag("--lora-adapters", default="", help="adapters to preload: name=/dir, /dir or hub/id[@rev], comma separated")
+    p.flag(
+        "--listen", env="SHARD_LISTEN", default="unix:///tmp/loraplex-shard-0.sock", help="unix:///path or host:port"
+    )
+    p.flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.flag("--device", default="cpu", help="cpu or cuda[:N]")
+    p.flag("--max-batch-total-tokens", type=int, default=MAX_BATCH_TOTAL_TOKENS, help="KV cache size in tokens")
+    p.flag("--block-size", env="KV_BLOCK_SIZE", type=int, default=16)
+    p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
+    p.flag(
+        "--adapter-dirs",
+        default="",
+        help="comma list of roots; an adapter id that was not preloaded loads on demand from <root>/<id>",
+    )
+    p.flag("--max-active-adapters", type=int, default=64, help="adapters resident on the device at once")
+    p.flag("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
+    p.flag("--rank", type=int, default=0, help="this process's tensor-parallel rank")
+    p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree (number of shard processes)")
+    p.flag("--master-addr", default="127.0.0.1", help="where rank 0 listens for the process group")
+    p.flag("--master-port", type=int, default=29500)
+    add_drain_timeout_flag(p, "on SIGTERM, seconds to wait for cached batches to end")
+    p.flag("--json-output", action="store_true", help="JSON log lines")
+    return p
