@@ -24,6 +24,7 @@ class LayerWeights:
     qkv: torch.Tensor  # q, k and v stacked on the output dim: one matmul for all three
     qkv_bias: torch.Tensor | None
     o: torch.Tensor
+    o_bias: torch.Tensor | None  # Llama's attention_bias gives o_proj one; Qwen2's does not
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # gate and up stacked on the output dim
     gate_up_bias: torch.Tensor | None
@@ -89,18 +90,19 @@ class CausalLM:
             layers = []
             for i in range(config.num_layers):
                 p = f"model.layers.{i}."
-                down_bias = f"{p}mlp.down_proj.bias"
+                o_bias, down_bias = f"{p}self_attn.o_proj.bias", f"{p}mlp.down_proj.bias"
                 layers.append(
                     LayerWeights(
                         input_norm=t(reader, p + "input_layernorm.weight"),
                         qkv=fused(reader, p, "qkv"),
                         qkv_bias=fused_bias(reader, p, "qkv"),
                         o=fused(reader, p, "o"),
+                        # A row-parallel bias is added once, by rank 0, before the partial sums meet.
+                        o_bias=t(reader, o_bias) if o_bias in reader and tp.rank == 0 else None,
                         post_norm=t(reader, p + "post_attention_layernorm.weight"),
                         gate_up=fused(reader, p, "gate_up"),
                         gate_up_bias=fused_bias(reader, p, "gate_up"),
                         down=fused(reader, p, "down"),
-                        # A row-parallel bias is added once, by rank 0, before the partial sums meet.
                         down_bias=t(reader, down_bias) if down_bias in reader and tp.rank == 0 else None,
                     )
                 )
@@ -132,6 +134,7 @@ class CausalLM:
                 qkv=fused("qkv"),
                 qkv_bias=None,
                 o=fused("o"),
+                o_bias=None,
                 post_norm=ones(h),
                 gate_up=fused("gate_up"),
                 gate_up_bias=None,
@@ -180,7 +183,7 @@ class CausalLM:
             q = apply_rotary(q.reshape(-1, cfg.num_heads, cfg.head_dim), cos, sin)
             k = apply_rotary(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             a = attention(q, k, v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), i, cache, meta)
-            o = F.linear(a, w.o)
+            o = F.linear(a, w.o, w.o_bias)
             if lora is not None:
                 lora.apply("o", i, a, o)
             x = x + self.tp.all_reduce(o)

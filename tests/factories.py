@@ -70,6 +70,20 @@ TINY: dict[str, dict[str, Any]] = {
         max_position_embeddings=256,
         sliding_window=4,
     ),
+    # Every projection with a bias (o_proj's included), as Llama's attention_bias and mlp_bias give.
+    "llama_biases": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=256,
+        attention_bias=True,
+        mlp_bias=True,
+    ),
     "qwen2": dict(
         model_type="qwen2",
         architectures=["Qwen2ForCausalLM"],
@@ -92,11 +106,10 @@ def tiny_model(directory: Path, kind: str = "llama", seed: int = 0, **overrides:
     config = AutoConfig.for_model(model_type, initializer_range=0.08, **spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    if kind == "qwen2":
-        with torch.no_grad():  # random biases, so that a missing bias would show
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.1)
+    with torch.no_grad():  # random biases (transformers starts them at zero), so that a missing one would show
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
     model.eval()
     model.save_pretrained(directory)
     return model

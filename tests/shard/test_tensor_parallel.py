@@ -53,7 +53,7 @@ def _spawn_ranks(rank: int, world: int, port: int, model_dir: Path, adapters: li
     run_rank(rank, world, port, model_dir, adapters, out)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: one KV head, replicated on both ranks; biases
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama_biases"])  # qwen2: one KV head on both ranks; biases
 def test_two_ranks_equal_one_rank(tmp_path: Path, kind: str) -> None:
     base = tiny_model(tmp_path / "model", kind)
     adapters = [
@@ -71,10 +71,10 @@ def test_two_ranks_equal_one_rank(tmp_path: Path, kind: str) -> None:
     for r in range(2):
         share = two[r]["sharded_bytes"] / one["sharded_bytes"]
         print(f"{kind}: rank {r} of 2 holds {two[r]['sharded_bytes']} of {one['sharded_bytes']} bytes ({share:.3f})")
-        if kind == "llama":
-            assert share == 0.5
-        else:  # the one KV head is replicated, so each rank holds a little more than half
+        if kind == "qwen2":  # the one KV head is replicated, so each rank holds a little more than half
             assert 0.5 < share < 0.6
+        else:
+            assert share == 0.5
 
 
 def test_shapes_that_do_not_split_are_refused(tmp_path: Path) -> None:
