@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.common.sampling import SamplingParams
 from loraplex.router.settings import RouterSettings
 
 DEFAULT_MAX_NEW_TOKENS = 100
@@ -17,19 +18,11 @@ class ValidationError(ValueError):
 
 
 @dataclass(frozen=True)
-class GenerateParameters:
-    """Validated parameters of one generation request (the union of TGI's and OpenAI's knobs)."""
+class GenerateParameters(SamplingParams):
+    """Validated parameters of one generation request: the sampling knobs, then the rest of TGI's and OpenAI's."""
 
     adapter_id: str = ""
-    do_sample: bool = False
     max_new_tokens: int | None = None  # None: up to DEFAULT_MAX_NEW_TOKENS, within max_total_tokens
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    seed: int = 0
     stop: tuple[str, ...] = ()
     return_full_text: bool = False
     truncate: int | None = None
@@ -37,10 +30,6 @@ class GenerateParameters:
     top_n_tokens: int = 0
     decoder_input_details: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def sampling(self) -> bool:
-        return self.do_sample or self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
 
 
 def _number(params: dict[str, Any], name: str, kind: type) -> Any:

@@ -7,28 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """TGI's parameters; any warper (temperature, top_k, top_p, typical_p) implies sampling, as in TGI."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    seed: int = 0
-
-    @property
-    def sampling(self) -> bool:
-        warped = self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
-        return self.do_sample or warped
-
-    @property
-    def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+from loraplex.common.sampling import SamplingParams
 
 
 class TokenChooser:
