@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from loraplex.common.messages import to_message
 from loraplex.proto.v1 import generate_pb2 as pb
 from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
 from loraplex.router.errors import ApiError
@@ -172,32 +173,12 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
 
 def _adapter(a: AdapterView) -> pb.AdapterInfo:
-    return pb.AdapterInfo(
-        id=a.id,
-        rank=a.rank,
-        targets=a.targets,
-        bytes=a.bytes,
-        tier=a.tier,
-        requests=a.requests,
-        load_seconds=a.load_seconds,
-    )
+    return to_message(pb.AdapterInfo, a)
 
 
 def _info(info: ServerInfo) -> pb.InfoResponse:
     """HTTP /info's answer in the fields gRPC has (no max_batch_prefill_tokens, no router)."""
-    return pb.InfoResponse(
-        model_id=info.model_id,
-        model_dtype=info.model_dtype,
-        model_device_type=info.model_device_type,
-        max_input_tokens=info.max_input_tokens,
-        max_total_tokens=info.max_total_tokens,
-        max_concurrent_requests=info.max_concurrent_requests,
-        max_stop_sequences=info.max_stop_sequences,
-        max_best_of=info.max_best_of,
-        max_batch_total_tokens=info.max_batch_total_tokens,
-        num_shard=info.num_shard,
-        version=info.version,
-    )
+    return to_message(pb.InfoResponse, info)
 
 
 async def serve_grpc(service: RouterService, address: str) -> grpc.aio.Server:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from loraplex.common.messages import to_message
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.router.events import EndEvent, ErrorEvent, Event, TokenEvent, TokenInfo
 from loraplex.router.inflight import InFlightRequest, Overloaded
@@ -174,16 +175,7 @@ class Scheduler:
                 id=e.id,
                 input_ids=e.input_ids,
                 adapter_id=e.params.adapter_id,
-                sampling=pb.SamplingParameters(
-                    do_sample=e.params.do_sample,
-                    temperature=e.params.temperature,
-                    top_k=e.params.top_k,
-                    top_p=e.params.top_p,
-                    typical_p=e.params.typical_p,
-                    repetition_penalty=e.params.repetition_penalty,
-                    frequency_penalty=e.params.frequency_penalty,
-                    seed=e.params.seed,
-                ),
+                sampling=to_message(pb.SamplingParameters, e.params),
                 top_n_tokens=e.params.top_n_tokens,
                 prefill_logprobs=e.params.decoder_input_details,
             )

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from loraplex.common.messages import from_message
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
 from loraplex.router.views import AdapterView
@@ -84,12 +85,4 @@ class ShardClients:
 
 def adapter_view(a: pb.AdapterInfo) -> AdapterView:
     """The shard's record as a router type, so that no shard message reaches the APIs."""
-    return AdapterView(
-        id=a.id,
-        tier=a.tier,
-        bytes=a.bytes,
-        rank=a.rank,
-        targets=tuple(a.targets),
-        requests=a.requests,
-        load_seconds=a.load_seconds,
-    )
+    return from_message(AdapterView, a, targets=tuple(a.targets))

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from loraplex.common.messages import from_message, to_message
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
 from loraplex.shard.engine import BatchError, Generation, NewRequest, ShardEngine
@@ -48,32 +49,19 @@ def _generation(g: Generation) -> pb.Generation:
     return out
 
 
-def _sampling(s: pb.SamplingParameters) -> SamplingParams:
-    def positive(value: float, default: float) -> float:
-        return value if value > 0 and math.isfinite(value) else default
+# Knobs a valid request never sets to 0, where proto3's 0 is "unset": a value that is not positive and finite
+# means the knob's neutral default.
+_RATIOS = ("temperature", "top_p", "typical_p", "repetition_penalty")
 
-    return SamplingParams(
-        do_sample=s.do_sample,
-        temperature=positive(s.temperature, 1.0),
-        top_k=s.top_k,
-        top_p=positive(s.top_p, 1.0),
-        typical_p=positive(s.typical_p, 1.0),
-        repetition_penalty=positive(s.repetition_penalty, 1.0),
-        frequency_penalty=s.frequency_penalty,
-        seed=s.seed,
-    )
+
+def _sampling(s: pb.SamplingParameters) -> SamplingParams:
+    neutral = SamplingParams()
+    unset = {n: getattr(neutral, n) for n in _RATIOS if not (getattr(s, n) > 0 and math.isfinite(getattr(s, n)))}
+    return from_message(SamplingParams, s, **unset)
 
 
 def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
-    return pb.AdapterInfo(
-        id=rec.adapter_id,
-        rank=rec.rank,
-        targets=rec.targets,
-        bytes=rec.bytes,
-        tier=rec.tier,
-        requests=rec.requests,
-        load_seconds=rec.load_seconds,
-    )
+    return to_message(pb.AdapterInfo, rec, id=rec.adapter_id)
 
 
 class EngineServicer(pb_grpc.ShardServicer):
