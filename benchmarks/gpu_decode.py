@@ -20,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.kernels_gpu import copy_bandwidth
-from loraplex.kernels import cuda
+from benchmarks.kernels_gpu import copy_bandwidth, gpu_arguments
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.kv_cache import KVCache
 from loraplex.shard.lora.adapter import LoraAdapter, ProjectionWeights
@@ -75,12 +74,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    if not cuda.available():
-        print("this benchmark needs an NVIDIA GPU and CuPy (see scripts/gpu_check.sh)", file=sys.stderr)
+    args = gpu_arguments(parser)
+    if args is None:
         return 2
-    cuda.warm_up()
     config = ModelConfig.from_dict(MISTRAL_7B)
     model = CausalLM.random(config, torch.bfloat16, "cuda")
     cache = KVCache(config, 64 * args.batch, 16, num_kv_heads=config.num_kv_heads, dtype=torch.bfloat16, device="cuda")

@@ -38,6 +38,18 @@ def _time(fn: Any, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def gpu_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace | None:
+    """The GPU benchmarks' start: ``parser``'s arguments and ``--json``, parsed, and the kernels warmed up; None
+    (after saying why) where there is no NVIDIA GPU with CuPy."""
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if not cuda.available():
+        print("this benchmark needs an NVIDIA GPU and CuPy (see scripts/gpu_check.sh)", file=sys.stderr)
+        return None
+    cuda.warm_up()
+    return args
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy, read plus write."""
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
@@ -89,13 +101,9 @@ def case(name: str, segments: list[int], h: int, rank: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    if not cuda.available():
-        print("this benchmark needs an NVIDIA GPU and CuPy (see scripts/gpu_check.sh)", file=sys.stderr)
+    args = gpu_arguments(argparse.ArgumentParser(description=__doc__))
+    if args is None:
         return 2
-    cuda.warm_up()
     copy = copy_bandwidth()
     cases = [
         case("decode: 64 distinct, r16", [1] * 64, 4096, 16),
