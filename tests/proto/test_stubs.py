@@ -14,4 +14,3 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     for new, old in zip(fresh, current, strict=True):
         assert old.is_file(), f"{old} is missing: run make install"
         assert new.read_bytes() == old.read_bytes(), f"{old.relative_to(ROOT)} is stale: run make install"
-
