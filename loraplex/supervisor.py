@@ -13,6 +13,9 @@ from pathlib import Path
 # After one process died the others have nothing left to finish: this is all they get before SIGKILL.
 FAILURE_GRACE = 10.0
 POLL_SECONDS = 0.2
+# The status of ``loraplex.common.flags.fail`` (bad flags, a missing model, a broken adapter): the process
+# has already said why in one line, which is all SPEC §2 allows on stderr.
+REFUSED = 2
 
 
 def command(script: str, module: str) -> list[str]:
@@ -76,8 +79,9 @@ class Supervisor:
         ready_timeout: float = float("inf"),
         on_ready: Callable[[], None] | None = None,
     ) -> int:
-        """Watch until a signal (stop everything, 0), a process's end (stop the rest, non-zero) or, with
-        ``ready``, a start-up that takes longer than ``ready_timeout`` (stop everything, 1).
+        """Watch until a signal (stop everything, 0), a process's end (stop the rest, non-zero: its status, a
+        refusal's 2 without a line of ours) or, with ``ready``, a start-up that takes longer than
+        ``ready_timeout`` (stop everything, 1).
 
         ``stop_order`` lists groups of roles: each group is signalled at once and given ``grace`` seconds
         before the next group is stopped (the router drains before the shards it needs do).
@@ -87,7 +91,8 @@ class Supervisor:
         while not self.stopping:
             for role, proc in self.procs.items():
                 if proc.poll() is not None:
-                    self.say(f"{role} exited with {proc.returncode}; stopping the others")
+                    if proc.returncode != REFUSED:  # a refusal's own line must stay the only one
+                        self.say(f"{role} exited with {proc.returncode}; stopping the others")
                     self.stop(stop_order, FAILURE_GRACE)
                     return exit_status(proc.returncode)
             if not is_ready and ready is not None and ready():

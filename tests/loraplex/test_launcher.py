@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,3 +217,32 @@ def test_the_supervisor_stops_the_rest_when_one_ends() -> None:
     started = time.monotonic()
     assert supervisor.run(stop_order=[["quitter"], ["sleeper"]], grace=60) == 3
     assert sleeper.returncode == -signal.SIGTERM and time.monotonic() - started < 30
+
+
+def _refused_launch(*flags: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "loraplex.launcher", "--port", str(free_port()), "--grpc-port", str(free_port())]
+    return subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
+
+
+def test_the_launcher_passes_on_a_missing_model_as_the_shards_one_line_exit_2(tmp_path: Path) -> None:
+    """SPEC §2: the shard's refusal is the only line on stderr (no supervisor line after it) and the exit is 2."""
+    proc = _refused_launch("--model-id", str(tmp_path / "nope"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"loraplex-shard: error: model directory {tmp_path / 'nope'} does not exist"
+    ]
+
+
+def test_the_launcher_passes_on_a_truncated_adapter_as_the_shards_one_line_exit_2(
+    served_model: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    model_dir, adapters = served_model
+    broken = tmp_path / "broken"
+    shutil.copytree(next(iter(adapters.values())), broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = _refused_launch("--model-id", str(model_dir), "--lora-adapters", f"cut={broken}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("loraplex-shard: error: adapter 'cut':") and "corrupt or truncated" in lines[0]
