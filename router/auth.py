@@ -1,4 +1,4 @@
-"""An ASGI guard: the admin token on /admin, a tenant's API key everywhere else but the probes."""
+"""An ASGI guard: the admin token for adapter admin, a tenant's API key everywhere else but the probes."""
 
 from __future__ import annotations
 
@@ -6,11 +6,22 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loraplex.router.admin_api import ADMIN_PREFIXES
 from loraplex.router.settings import RouterSettings
 from loraplex.router.tenancy import Tenants, is_admin
 
 # Probes and scrapers carry no key.
 OPEN_PATHS = ("/health", "/metrics")
+
+
+def is_admin_path(path: str) -> bool:
+    """The adapter admin API (SPEC §4 ``/adapters``, its alias ``/admin/adapters``) and anything else under
+    ``/admin``: whole path segments only, so that a route named ``/adapters-x`` would not be caught."""
+    return (
+        path == "/admin"
+        or path.startswith("/admin/")
+        or any(path == prefix or path.startswith(prefix + "/") for prefix in ADMIN_PREFIXES)
+    )
 
 
 def refusal(path: str, status: int, error_type: str, message: str) -> JSONResponse:
@@ -42,10 +53,15 @@ class Authenticate:
         path = str(scope.get("path", ""))
         header = Headers(scope=scope).get("authorization")  # the first one, as ``request.headers`` gives it
         refused = None
-        if path.startswith("/admin"):
+        admin_path = is_admin_path(path)
+        # SPEC §4: a tenant key may list the adapters (its own only), as /v1/models does; the admin token lists all.
+        listing = admin_path and scope.get("method") in ("GET", "HEAD") and path in ADMIN_PREFIXES
+        if admin_path and is_admin(header, self.settings.admin_token):
+            pass
+        elif admin_path and not listing:
             if not self.settings.admin_token:
                 refused = refusal(path, 403, "forbidden", "the admin API is off: start the router with --admin-token")
-            elif not is_admin(header, self.settings.admin_token):
+            else:
                 refused = refusal(path, 401, "unauthorized", "the admin token is required (Authorization: Bearer)")
         elif self.tenants is not None and path not in OPEN_PATHS:
             tenant = self.tenants.for_authorization(header)

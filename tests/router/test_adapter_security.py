@@ -149,7 +149,7 @@ def test_hostile_ids_are_404_and_nothing_outside_the_root_is_opened(world: dict[
         assert resp.json()["error_type"] == "adapter_not_found"
     admin = {"Authorization": f"Bearer {ADMIN}"}
     for adapter in HOSTILE_IDS[:12]:
-        resp = httpx.post(server.url + "/admin/adapters", json={"id": adapter}, headers=admin, timeout=30)
+        resp = httpx.post(server.url + "/adapters", json={"id": adapter}, headers=admin, timeout=30)
         assert resp.status_code == 404, (adapter, resp.text)
     with grpc.insecure_channel(server.grpc_address) as channel:
         stub = pb_grpc.TextGenerationStub(channel)
@@ -163,7 +163,7 @@ def test_hostile_ids_are_404_and_nothing_outside_the_root_is_opened(world: dict[
         with pytest.raises(OSError) as fifo:
             os.open(world["fifo"] / name, os.O_WRONLY | os.O_NONBLOCK)
         assert fifo.value.errno == errno.ENXIO
-    listed = httpx.get(server.url + "/admin/adapters", headers=admin, timeout=30).json()["adapters"]
+    listed = httpx.get(server.url + "/adapters", headers=admin, timeout=30).json()["adapters"]
     assert not any("canary" in a["id"] or a["id"].startswith("link") for a in listed)
     assert _generate(server, "good").status_code == 200  # still serving
 
@@ -283,13 +283,15 @@ def test_tenants_over_grpc(world: dict[str, Any]) -> None:
         assert loaded.adapter.tier in ("host", "device") and loaded.adapter.rank == 4
 
 
-def test_admin_api_needs_the_admin_token(world: dict[str, Any]) -> None:
+@pytest.mark.parametrize("path", ["/adapters", "/admin/adapters"])  # SPEC §4's path and the kept alias
+def test_admin_api_needs_the_admin_token(world: dict[str, Any], path: str) -> None:
     server = world["server"]
-    url = server.url + "/admin/adapters"
+    url = server.url + path
     for headers in ({}, {"Authorization": f"Bearer {KEY_ALL}"}, {"Authorization": "Bearer wrong"}):
-        assert httpx.get(url, headers=headers, timeout=30).status_code == 401
         assert httpx.post(url, json={"id": "good"}, headers=headers, timeout=30).status_code == 401
         assert httpx.delete(url + "/good", headers=headers, timeout=30).status_code == 401
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert httpx.get(url, headers=headers, timeout=30).status_code == 401
     admin = {"Authorization": f"Bearer {ADMIN}"}
     loaded = httpx.post(url, json={"id": "team-a/one"}, headers=admin, timeout=30).json()
     assert loaded["tier"] in ("host", "device") and loaded["rank"] == 4 and loaded["bytes"] > 0
@@ -300,6 +302,25 @@ def test_admin_api_needs_the_admin_token(world: dict[str, Any]) -> None:
     listing = {a["id"]: a for a in httpx.get(url, headers=admin, timeout=30).json()["adapters"]}
     assert listing["team-a/one"]["tier"] == "disk"
     assert httpx.delete(url + "/team-a/one", headers=admin, timeout=30).status_code == 404  # not loaded now
+    # Paths never travel over the network: the id resolves under the roots.
+    with_path = httpx.post(url, json={"id": "good", "path": "/etc"}, headers=admin, timeout=30)
+    assert with_path.status_code == 422 and "path" in with_path.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/adapters", "/admin/adapters"])
+def test_a_tenant_key_lists_its_own_adapters_only(world: dict[str, Any], path: str) -> None:
+    server = world["server"]
+
+    def listed(key: str) -> set[str]:
+        resp = httpx.get(server.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return {a["id"] for a in resp.json()["adapters"]}
+
+    team_a, team_b, everything = listed(KEY_A), listed(KEY_B), listed(KEY_ALL)
+    assert {"team-a/one", "team-a/two", "shared"} <= team_a and not any(i.startswith("team-b") for i in team_a)
+    assert "good" not in team_a
+    assert team_b == {"team-b/one"}
+    assert {"team-a/one", "team-b/one", "good"} <= everything
 
 
 def test_per_adapter_metrics(world: dict[str, Any]) -> None:
@@ -323,8 +344,6 @@ def test_preloaded_and_on_demand_adapters_coexist(world: dict[str, Any]) -> None
     both = [_generate(server, name) for name in ("preloaded", "team-a/two", "preloaded")]
     assert [r.status_code for r in both] == [200, 200, 200]
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    listing = {
-        a["id"]: a for a in httpx.get(server.url + "/admin/adapters", headers=admin, timeout=30).json()["adapters"]
-    }
+    listing = {a["id"]: a for a in httpx.get(server.url + "/adapters", headers=admin, timeout=30).json()["adapters"]}
     assert listing["preloaded"]["rank"] == 8 and listing["preloaded"]["tier"] in ("host", "device")
     assert listing["preloaded"]["requests"] >= 2

@@ -160,11 +160,11 @@ def test_host_memory_stays_within_the_tier_limits_and_unload_frees_it(memory_wor
         _answer(server, None)  # warm the base path first: its buffers are not the adapters' doing
     # ... and the adapter path (loader threads, LoRA buffers), with an adapter that leaves afterwards
     _answer(server, "warm")
-    assert httpx.delete(server.url + "/admin/adapters/warm", headers=admin, timeout=30).status_code == 200
+    assert httpx.delete(server.url + "/adapters/warm", headers=admin, timeout=30).status_code == 200
     before = _rss_bytes(pid)
     answers = {f"m{i:02d}": _answer(server, f"m{i:02d}") for i in range(40)}
     after = _rss_bytes(pid)
-    listing = httpx.get(server.url + "/admin/adapters", headers=admin, timeout=30).json()["adapters"]
+    listing = httpx.get(server.url + "/adapters", headers=admin, timeout=30).json()["adapters"]
     loaded = [a for a in listing if a["tier"] in ("host", "device")]
     adapter_bytes = max(a["bytes"] for a in listing)
     allowed = 4 * adapter_bytes  # --max-active-adapters 2 + --max-cpu-adapters 2
@@ -179,12 +179,12 @@ def test_host_memory_stays_within_the_tier_limits_and_unload_frees_it(memory_wor
 
     freed_bytes = sum(a["bytes"] for a in loaded)
     for a in loaded:
-        assert httpx.delete(server.url + f"/admin/adapters/{a['id']}", headers=admin, timeout=30).status_code == 200
+        assert httpx.delete(server.url + f"/adapters/{a['id']}", headers=admin, timeout=30).status_code == 200
     unloaded = _rss_bytes(pid)
     fell = (after - unloaded) / 2**20
     print(f"unload: {len(loaded)} adapters of {freed_bytes / 2**20:.1f} MiB, RSS fell {fell:.1f} MiB")
     assert after - unloaded >= 0.5 * freed_bytes
-    listing = httpx.get(server.url + "/admin/adapters", headers=admin, timeout=30).json()["adapters"]
+    listing = httpx.get(server.url + "/adapters", headers=admin, timeout=30).json()["adapters"]
     assert all(a["tier"] == "disk" for a in listing)
     for name in [a["id"] for a in loaded][:2]:
         assert _answer(server, name) == answers[name]  # a reload serves exactly what it served before
