@@ -34,3 +34,14 @@ class InFlightRequest:
     end: EndEvent | None = None
     queued_at: float = field(default_factory=time.monotonic)
     last_token_at: float = 0.0
+    preemptions: int = 0  # times its KV blocks were taken back for older requests (it was recomputed)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """What a prefill runs: the input, and after a preemption the tokens generated so far."""
+        return self.input_ids + self.generated if self.generated else self.input_ids
+
+    @property
+    def length(self) -> int:
+        """Tokens of the sequence on the shard: input and generated (the newest not run yet)."""
+        return len(self.input_ids) + len(self.generated)

@@ -15,6 +15,7 @@ from loraplex.common.logs import setup_logging
 from loraplex.router.adapters import AdapterRegistry
 from loraplex.router.app import create_app
 from loraplex.router.grpc_api import serve_grpc
+from loraplex.router.kv_budget import KvBudget
 from loraplex.router.lifecycle import DrainingServer
 from loraplex.router.metrics import Metrics
 from loraplex.router.scheduler import Scheduler
@@ -34,9 +35,11 @@ async def build_service(settings: RouterSettings) -> RouterService:
     shards = ShardClients(settings.shard_uds)
     info = await shards.wait_ready(settings.connect_timeout)
     await shards.clear()  # batches a previous router left behind (it crashed or was killed) are orphans
+    kv = await kv_budget(shards, settings)
     tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
     tokenizer = TextTokenizer(tokenizer_dir)
     metrics = Metrics()
+    metrics.kv_blocks.set(kv.num_blocks)
     registry = AdapterRegistry(shards, info.max_active_adapters + info.max_cpu_adapters, metrics)
     await registry.sync()
     scheduler = Scheduler(
@@ -46,6 +49,7 @@ async def build_service(settings: RouterSettings) -> RouterService:
         set(info.eos_token_ids),
         metrics,
         adapter_slots=info.max_active_adapters,
+        kv=kv,
         on_release=registry.release,
         on_recovered=registry.sync,  # a restarted shard forgot the adapters loaded on demand
     )
@@ -54,8 +58,30 @@ async def build_service(settings: RouterSettings) -> RouterService:
         dtype=info.dtype,
         device=info.device,
         num_shard=len(settings.shard_uds),
+        kv_block_size=kv.block_size,
+        kv_blocks=kv.num_blocks,
     )
     return RouterService(scheduler, tokenizer, settings, model, registry, tenants)
+
+
+async def kv_budget(shards: ShardClients, settings: RouterSettings) -> KvBudget:
+    """The KV blocks the router admits into: what the shards report (a one-token warm-up, cheap on a CPU),
+    capped by --max-batch-total-tokens; a request of --max-total-tokens must fit alone, or it could never run."""
+    warm = await shards.warmup(batch_size=1, input_length=1)
+    size, shard_tokens = warm.block_size, warm.max_supported_total_tokens
+    blocks = min(warm.num_blocks, settings.max_batch_total_tokens // size)
+    if -(-settings.max_total_tokens // size) > blocks:
+        raise ValueError(
+            f"--max-total-tokens {settings.max_total_tokens} does not fit the KV cache: {blocks} blocks of {size} "
+            f"tokens (the shards hold {shard_tokens} tokens, --max-batch-total-tokens allows "
+            f"{settings.max_batch_total_tokens})"
+        )
+    if shard_tokens < settings.max_batch_total_tokens:
+        log.warning(
+            "the shards' KV cache is smaller than --max-batch-total-tokens; admitting into what they hold",
+            extra={"max_batch_total_tokens": settings.max_batch_total_tokens, "shard_tokens": shard_tokens},
+        )
+    return KvBudget(size, blocks)
 
 
 async def serve(settings: RouterSettings) -> None:

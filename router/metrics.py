@@ -33,6 +33,10 @@ class Metrics:
             "loraplex_batch_size", "Requests per forward step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )
         self.kv_blocks_used = Gauge("loraplex_kv_blocks_used", "KV cache blocks in use on rank 0", registry=r)
+        self.kv_blocks = Gauge("loraplex_kv_blocks", "KV cache blocks the router admits into", registry=r)
+        self.preemptions = Counter(
+            "loraplex_preemptions", "Running requests whose KV blocks went to older ones (recomputed)", registry=r
+        )
         self.input_tokens = Counter("loraplex_input_tokens", "Prompt tokens", registry=r)
         self.output_tokens = Counter("loraplex_output_tokens", "Generated tokens", registry=r)
         self.adapter_requests = Counter("loraplex_adapter_requests", "Requests per adapter", ["adapter"], registry=r)

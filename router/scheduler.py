@@ -16,6 +16,7 @@ from loraplex.common.messages import to_message
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.router.events import EndEvent, ErrorEvent, Event, TokenEvent, TokenInfo
 from loraplex.router.inflight import InFlightRequest, Overloaded
+from loraplex.router.kv_budget import Admission, KvBudget
 from loraplex.router.metrics import Metrics
 from loraplex.router.settings import RouterSettings
 from loraplex.router.shards import ShardClients
@@ -39,10 +40,12 @@ class Scheduler:
         metrics: Metrics,
         *,
         adapter_slots: int = 0,
+        kv: KvBudget | None = None,
         on_release: Callable[[str], None] | None = None,
         on_recovered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """``adapter_slots`` is the shards' --max-active-adapters (0: no limit). ``on_release(adapter_id)``
+        """``adapter_slots`` is the shards' --max-active-adapters (0: no limit); ``kv`` the KV blocks they
+        reported (None: --max-batch-total-tokens in one-token blocks). ``on_release(adapter_id)``
         runs once a request that named an adapter holds nothing on the shards any more (it may be unloaded
         then); ``on_recovered()`` once the shards answer again after a failure (they may have restarted)."""
         self.shards = shards
@@ -57,6 +60,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self.healthy = True
         self.adapter_slots = adapter_slots or 1 << 30
+        self.kv = kv or KvBudget(1, settings.max_batch_total_tokens)
+        self._kv_hold = False  # the shards said "full" against our count: admit nothing until a request leaves
         self._on_release = on_release
         self._on_recovered = on_recovered
         self.longest_wait = 0.0
@@ -126,7 +131,8 @@ class Scheduler:
         """
         s = self.settings
         now = time.monotonic()
-        reserved = sum(len(e.input_ids) + e.max_new_tokens for e in self.running.values())
+        kv = Admission(self.kv, (e.length for e in self.running.values()))
+        hold = self._kv_hold and bool(self.running)
         active = {e.params.adapter_id for e in self.running.values() if e.params.adapter_id}
         prefill_tokens = 0
         batch: list[InFlightRequest] = []
@@ -137,10 +143,12 @@ class Scheduler:
             if e.cancelled:
                 self._finish(e, None)
                 continue
-            need = len(e.input_ids) + e.max_new_tokens
+            # A preempted request's prompt holds its generated tokens too, and may pass the prefill budget:
+            # alone in its batch it is taken anyway, or it would wait forever.
             if (
-                prefill_tokens + len(e.input_ids) > s.max_batch_prefill_tokens
-                or reserved + need > s.max_batch_total_tokens
+                (batch and prefill_tokens + e.length > s.max_batch_prefill_tokens)
+                or hold
+                or not kv.fits(e.length)
                 or len(self.running) + len(batch) >= s.max_batch_size
             ):
                 self.waiting.appendleft(e)
@@ -156,11 +164,13 @@ class Scheduler:
                 kept.append(e)
                 continue
             batch.append(e)
-            prefill_tokens += len(e.input_ids)
-            reserved += need
+            prefill_tokens += e.length
+            kv.take(e.length)
         kept.extend(self.waiting)
         self.waiting = kept
         for e in batch:
+            if e.preemptions:  # its wait for a first prefill is already counted
+                continue
             wait = now - e.queued_at
             self.metrics.queue_wait.observe(wait)
             if wait > self.longest_wait:
@@ -173,11 +183,12 @@ class Scheduler:
         requests = [
             pb.Request(
                 id=e.id,
-                input_ids=e.input_ids,
+                input_ids=e.prompt_ids,
                 adapter_id=e.params.adapter_id,
                 sampling=to_message(pb.SamplingParameters, e.params),
                 top_n_tokens=e.params.top_n_tokens,
-                prefill_logprobs=e.params.decoder_input_details,
+                prefill_logprobs=e.params.decoder_input_details and not e.generated,
+                generated_tokens=len(e.generated),
             )
             for e in entries
         ]
@@ -190,6 +201,13 @@ class Scheduler:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise  # a shard is gone or stuck: everyone in flight is affected
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(self.running) > len(entries):
+                # The shards hold less than our count says: these wait (first in line) for running ones to end.
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self.shards.clear(batch_id)
+                self._requeue(entries)
+                self._kv_hold = True
+                return
             # This batch alone failed (the shards release what it had taken): only its requests get the
             # error. A rank that did cache it (tensor parallelism) drops it too.
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -211,24 +229,42 @@ class Scheduler:
         await self._filter()  # cancelled requests leave before the step, not after
         if not self.members:
             return
+        victims = self.kv.victims([(r, self.running[r].length) for m in self.members.values() for r in m])
+        if victims:  # growth outruns the cache: the newest give their blocks back and are recomputed later
+            await self._preempt([self.running[r] for r in victims])
         ids = list(self.members)
         self.metrics.batch_size.observe(len(self.running))
-        with self.metrics.forward_duration.labels("decode").time():
-            resp = await self.shards.decode([pb.CachedBatch(id=b, request_ids=self.members[b]) for b in ids])
+        try:
+            with self.metrics.forward_duration.labels("decode").time():
+                resp = await self.shards.decode([pb.CachedBatch(id=b, request_ids=self.members[b]) for b in ids])
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            await self._decode_refused(exc)
+            return
         merged = [r for b in ids for r in self.members.pop(b)]
         self.members[resp.batch.id] = merged
         self._handle(resp.generations)
         await self._filter()
 
     async def _filter(self) -> None:
+        members = [self.running[r] for m in self.members.values() for r in m if r in self.running]
+        gone = [e for e in members if e.finished or e.cancelled]
+        for e in gone:
+            if not e.finished:
+                self._finish(e, None)
+        if not gone:
+            return
+        await self._drop({e.id for e in gone})
+        for e in gone:  # released only now that the shards no longer hold them
+            del self.running[e.id]
+            self._release(e)
+        self._kv_hold = False  # blocks were freed: admission may try again
+
+    async def _drop(self, ids: set[int]) -> None:
+        """Take requests out of their cached batches on the shards (their KV blocks are freed there)."""
         for batch_id, members in list(self.members.items()):
-            keep = [
-                r for r in members if r in self.running and not (self.running[r].finished or self.running[r].cancelled)
-            ]
-            gone = [self.running[r] for r in members if r not in keep and r in self.running]
-            for e in gone:
-                if not e.finished:
-                    self._finish(e, None)
+            keep = [r for r in members if r not in ids]
             if len(keep) == len(members):
                 continue
             if keep:
@@ -237,9 +273,34 @@ class Scheduler:
             else:
                 await self.shards.clear(batch_id)
                 del self.members[batch_id]
-            for e in gone:  # released only now that the shards no longer hold them
-                del self.running[e.id]
-                self._release(e)
+
+    async def _preempt(self, victims: list[InFlightRequest]) -> None:
+        """vLLM's recompute preemption: the victims' blocks are freed and they wait, first in line, with their
+        generated tokens appended to the prompt; nothing they streamed is sent again (docs/serving.md)."""
+        await self._drop({e.id for e in victims})
+        for e in victims:
+            e.preemptions += 1
+        self._requeue(victims)
+        self.metrics.preemptions.inc(len(victims))
+        log.info("preempted", extra={"requests": [e.id for e in victims], "running": len(self.running)})
+
+    def _requeue(self, entries: list[InFlightRequest]) -> None:
+        for e in sorted(entries, key=lambda e: e.id, reverse=True):  # the oldest ends up first
+            self.running.pop(e.id, None)
+            self.waiting.appendleft(e)
+
+    async def _decode_refused(self, exc: grpc.aio.AioRpcError) -> None:
+        """The shards refused a step for want of KV blocks although our count said it fits (another rank's
+        cache, or a count that is off): the newest request makes room; only a lone one fails."""
+        newest = max(self.running.values(), key=lambda e: e.id)
+        log.warning("KV cache full against the router's count", extra={"details": exc.details()})
+        if len(self.running) > 1:
+            await self._preempt([newest])
+            self._kv_hold = True
+        else:
+            await self._drop({newest.id})
+            del self.running[newest.id]
+            self._finish(newest, ErrorEvent("generation failed: the shard's KV cache cannot hold this request"))
 
     def _handle(self, generations: list[pb.Generation]) -> None:
         now = time.monotonic()
@@ -272,9 +333,13 @@ class Scheduler:
             self.metrics.output_tokens.inc()
             self.metrics.adapter_tokens.labels(e.params.adapter_id or "base").inc()
             reason = None
-            if token.id in self.eos_ids:
+            # vLLM's ignore_eos and min_tokens: EOS and stop sequences end nothing before min_tokens tokens, and
+            # a stop sequence counts where it ends in this token's text (one from before min_tokens stays text).
+            early = len(e.generated) < e.params.min_tokens
+            fresh = 0 if token.special else len(token.text)
+            if token.id in self.eos_ids and not e.params.ignore_eos and not early:
                 reason = "eos_token"
-            elif any(s in e.text for s in e.params.stop):
+            elif not early and any(s in e.text[max(0, len(e.text) - fresh - len(s) + 1) :] for s in e.params.stop):
                 reason = "stop_sequence"
             elif len(e.generated) >= e.max_new_tokens:
                 reason = "length"

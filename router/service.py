@@ -69,7 +69,7 @@ class RouterService:
         await self._scheduler.run()
 
     def info(self) -> ServerInfo:
-        s = self.settings
+        s, m = self.settings, self.model
         return ServerInfo(
             model_id=self.model.model_id,
             model_dtype=self.model.dtype,
@@ -79,11 +79,13 @@ class RouterService:
             max_concurrent_requests=s.max_concurrent_requests,
             max_stop_sequences=s.max_stop_sequences,
             max_best_of=1,
-            max_batch_total_tokens=s.max_batch_total_tokens,
+            max_batch_total_tokens=m.kv_blocks * m.kv_block_size or s.max_batch_total_tokens,
             max_batch_prefill_tokens=s.max_batch_prefill_tokens,
             num_shard=self.model.num_shard,
             router="loraplex",
             version=__version__,
+            kv_block_size=m.kv_block_size,
+            kv_blocks=m.kv_blocks,
         )
 
     async def health(self) -> Health:

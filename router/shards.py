@@ -30,8 +30,13 @@ class ShardClients:
     async def health(self, timeout: float = 5.0) -> pb.HealthResponse:
         return await self._all(lambda s: s.Health(pb.HealthRequest(), timeout=timeout))
 
-    async def warmup(self, batch_size: int, input_length: int) -> None:
-        await self._all(lambda s: s.Warmup(pb.WarmupRequest(batch_size=batch_size, input_length=input_length)))
+    async def warmup(self, batch_size: int, input_length: int) -> pb.WarmupResponse:
+        """Every rank's KV capacity; the smallest is what the router may fill (ranks should agree)."""
+        req = pb.WarmupRequest(batch_size=batch_size, input_length=input_length)
+        answers = await asyncio.gather(*(s.Warmup(req) for s in self.stubs))
+        if len({a.block_size for a in answers}) > 1:
+            raise ValueError(f"the shards disagree on the KV block size: {sorted({a.block_size for a in answers})}")
+        return min(answers, key=lambda a: a.num_blocks)
 
     async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
         return await self._all(lambda s: s.Prefill(pb.PrefillRequest(batch=batch)))

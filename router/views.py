@@ -13,6 +13,8 @@ class ModelInfo:
     dtype: str
     device: str
     num_shard: int
+    kv_block_size: int = 0  # the shards' KV blocks the router admits into (0: not reported)
+    kv_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class ServerInfo:
     num_shard: int
     router: str
     version: str
+    # The KV cache in the shards' blocks; max_batch_total_tokens is the same budget in tokens.
+    kv_block_size: int
+    kv_blocks: int
 
 
 @dataclass(frozen=True)

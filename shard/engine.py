@@ -27,6 +27,7 @@ class NewRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
+    generated_tokens: int = 0  # the last ones of input_ids, generated before a preemption
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class ShardEngine:
                 details: list[list[tuple[int, float]] | None] = [None] * len(requests)
                 if want_prefill:
                     logits, details = _prefill_details(requests, logits)
+                for r, e in zip(requests, entries, strict=True):
+                    skip_draws(e.chooser, r.generated_tokens, logits.shape[-1])
                 gens = self._choose(entries, logits)
             except BaseException:
                 for s in seqs:
@@ -113,13 +116,14 @@ class ShardEngine:
             if missing or not batch_ids:
                 raise BatchError(f"unknown batch ids {missing}")
             first = batch_ids[0]
+            entries = [e for b in batch_ids for e in self._batches[b]]
+            # Merged only once the step ran: a step refused for want of KV blocks (RESOURCE_EXHAUSTED, nothing
+            # allocated) leaves every batch as the router knows it, so that it can preempt and try again.
+            logits = self.runner.decode([e.seq for e in entries]) if entries else None
             for other in batch_ids[1:]:
-                self._batches[first].extend(self._batches.pop(other))
-            entries = self._batches[first]
-            if not entries:
-                return first, []
-            logits = self.runner.decode([e.seq for e in entries])
-            return first, self._choose(entries, logits)
+                del self._batches[other]
+            self._batches[first] = entries
+            return first, [] if logits is None else self._choose(entries, logits)
 
     @_on_model_thread
     def filter(self, batch_id: int, keep: Sequence[int]) -> list[int]:
@@ -167,6 +171,17 @@ class ShardEngine:
         for e, c in zip(entries, choices, strict=True):
             e.seq.token_ids.append(c.token_id)
         return [Generation(e.seq.request_id, c) for e, c in zip(entries, choices, strict=True)]
+
+
+def skip_draws(chooser: TokenChooser, draws: int, vocab_size: int) -> None:
+    """Advance a seeded sampler past ``draws`` tokens, as if it had drawn them: a preempted request's
+    recomputation then draws what it would have drawn uninterrupted. ``torch.multinomial`` takes the same
+    generator state whatever the probabilities are (``tests/shard/test_preemption_sampling.py``)."""
+    if chooser.generator is None or draws <= 0:
+        return
+    uniform = torch.ones(vocab_size)
+    for _ in range(draws):
+        torch.multinomial(uniform, 1, generator=chooser.generator)
 
 
 def _prefill_details(

@@ -11,6 +11,17 @@ class KVCacheFull(RuntimeError):
     """Not enough free KV blocks for the tokens asked for."""
 
 
+def plan_kv_blocks(token_budget: int, block_size: int, device: str) -> int:
+    """How many KV blocks this shard has; the shard alone decides, and reports it to the router (Warmup).
+
+    Every device takes the token budget (``--max-batch-total-tokens``) in whole blocks today. This is the
+    hook for sizing a GPU's cache from its free memory instead (as TGI and vLLM do: run the largest
+    prefill once, then give what memory is left to blocks); the router needs no change for that.
+    """
+    del device  # the hook's input: a CUDA shard would size from torch.cuda.mem_get_info() here
+    return token_budget // block_size
+
+
 class BlockAllocator:
     """Fixed-size KV blocks handed out by id and taken back the moment a sequence ends."""
 

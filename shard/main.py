@@ -16,8 +16,9 @@ from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.shard.allocator import keep_freed_memory
 from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
 from loraplex.shard.config import ModelConfig, ModelConfigError
-from loraplex.shard.embedded import EmbeddedModelError, embedded_model_dir
+from loraplex.shard.embedded import HUB_ID, EmbeddedModelError, embedded_model_dir
 from loraplex.shard.engine import ShardEngine
+from loraplex.shard.kv_cache import plan_kv_blocks
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.lora.sources import parse_adapter_specs, resolve_adapter_source
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir,
             dtype=dtype,
             device=device,
-            kv_blocks=args.max_batch_total_tokens // args.block_size,
+            kv_blocks=plan_kv_blocks(args.max_batch_total_tokens, args.block_size, device),
             block_size=args.block_size,
             tp=tp,
         )
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ModelConfigError, EmbeddedModelError, AdapterError, ValueError, OSError) as exc:
         fail("loraplex-shard", str(exc))
     info = pb.InfoResponse(
-        model_id=args.model_id or str(model_dir),
+        model_id=args.model_id or HUB_ID,
         dtype=str(dtype).removeprefix("torch."),
         device=device,
         block_size=args.block_size,

@@ -81,17 +81,30 @@ class EngineServicer(pb_grpc.ShardServicer):
         )
 
     def Warmup(self, request: pb.WarmupRequest, context: grpc.ServicerContext) -> pb.WarmupResponse:
-        size, length = max(1, request.batch_size), max(1, request.input_length)
-        reqs = [NewRequest(2**63 + i, [1] * length) for i in range(size)]
-        with _status(context):
-            self.engine.prefill(2**63, reqs)
-            self.engine.decode([2**63])
-            self.engine.clear(2**63)
-        return pb.WarmupResponse()
+        if request.batch_size:
+            reqs = [NewRequest(2**63 + i, [1] * max(1, request.input_length)) for i in range(request.batch_size)]
+            with _status(context):
+                self.engine.prefill(2**63, reqs)
+                self.engine.decode([2**63])
+                self.engine.clear(2**63)
+        alloc = self.engine.runner.cache.allocator
+        return pb.WarmupResponse(
+            block_size=alloc.block_size,
+            num_blocks=alloc.num_blocks,
+            max_supported_total_tokens=alloc.num_blocks * alloc.block_size,
+        )
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
         reqs = [
-            NewRequest(r.id, list(r.input_ids), r.adapter_id, _sampling(r.sampling), r.top_n_tokens, r.prefill_logprobs)
+            NewRequest(
+                r.id,
+                list(r.input_ids),
+                r.adapter_id,
+                _sampling(r.sampling),
+                r.top_n_tokens,
+                r.prefill_logprobs,
+                r.generated_tokens,
+            )
             for r in request.batch.requests
         ]
         with _status(context):
