@@ -61,7 +61,7 @@ class Scheduler:
         self.healthy = True
         self.adapter_slots = adapter_slots or 1 << 30
         self.kv = kv or KvBudget(1, settings.max_batch_total_tokens)
-        self._kv_hold = False  # the shards said "full" against our count: admit nothing until a request leaves
+        self._kv_hold = False  # the shards said "full" against our count: one at a time until a request leaves
         self._on_release = on_release
         self._on_recovered = on_recovered
         self.longest_wait = 0.0
@@ -132,7 +132,6 @@ class Scheduler:
         s = self.settings
         now = time.monotonic()
         kv = Admission(self.kv, (e.length for e in self.running.values()))
-        hold = self._kv_hold and bool(self.running)
         active = {e.params.adapter_id for e in self.running.values() if e.params.adapter_id}
         prefill_tokens = 0
         batch: list[InFlightRequest] = []
@@ -147,7 +146,7 @@ class Scheduler:
             # alone in its batch it is taken anyway, or it would wait forever.
             if (
                 (batch and prefill_tokens + e.length > s.max_batch_prefill_tokens)
-                or hold
+                or (self._kv_hold and (self.running or batch))  # after a refusal: one at a time
                 or not kv.fits(e.length)
                 or len(self.running) + len(batch) >= s.max_batch_size
             ):
@@ -201,8 +200,9 @@ class Scheduler:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise  # a shard is gone or stuck: everyone in flight is affected
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(self.running) > len(entries):
-                # The shards hold less than our count says: these wait (first in line) for running ones to end.
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(self.running) > 1:
+                # The shards hold less than our count says: these wait, first in line, until a request ends
+                # (or, with nothing running, go one at a time: a lone request always fits).
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await self.shards.clear(batch_id)
                 self._requeue(entries)

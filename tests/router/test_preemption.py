@@ -1,0 +1,188 @@
+"""The scheduler against a bookkeeping shard: block admission, newest-first preemption, recomputation that
+continues exactly, and a shard that says "full" against the router's count (RESOURCE_EXHAUSTED)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent
+from loraplex.router.inflight import InFlightRequest
+from loraplex.router.kv_budget import KvBudget
+from loraplex.router.metrics import Metrics
+from loraplex.router.scheduler import Scheduler
+from loraplex.router.settings import RouterSettings
+from loraplex.router.validation import validate_parameters
+
+SETTINGS = RouterSettings(max_input_tokens=24, max_total_tokens=40, max_batch_total_tokens=4096)
+
+
+def next_token(tokens: Sequence[int]) -> int:
+    """The fake model: the next token depends on the whole sequence, as a real one's does."""
+    return sum(t * (i + 1) for i, t in enumerate(tokens)) % 97 + 1
+
+
+def solo(prompt: list[int], max_new: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(max_new):
+        seq.append(next_token(seq))
+    return seq[len(prompt) :]
+
+
+def _exhausted(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class BookkeepingShard:
+    """A shard's cached batches and KV blocks, allocated as ``shard/runner.py`` does (a sequence of n tokens
+    holds ceil(n / block_size) blocks once run), refusing a whole step when blocks run out."""
+
+    def __init__(self, block_size: int, num_blocks: int) -> None:
+        self.block_size, self.free = block_size, num_blocks
+        self.batches: dict[int, list[int]] = {}
+        self.seqs: dict[int, list[int]] = {}
+        self.held: dict[int, int] = {}
+        self.refusals = 0
+        self.preempted_prompts: dict[int, list[int]] = {}
+
+    def _grow(self, ids: list[int]) -> None:
+        want = {r: -(-len(self.seqs[r]) // self.block_size) for r in ids}
+        if sum(want[r] - self.held[r] for r in ids) > self.free:
+            self.refusals += 1
+            raise _exhausted(f"need more KV blocks, {self.free} free")
+        for r in ids:
+            self.free -= want[r] - self.held[r]
+            self.held[r] = want[r]
+
+    def _step(self, ids: list[int]) -> list[pb.Generation]:
+        out = []
+        for r in ids:
+            token = next_token(self.seqs[r])
+            self.seqs[r].append(token)
+            out.append(pb.Generation(request_id=r, token=pb.Token(id=token)))
+        return out
+
+    def _free(self, r: int) -> None:
+        self.free += self.held.pop(r)
+        del self.seqs[r]
+
+    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
+        ids = [r.id for r in batch.requests]
+        for r in batch.requests:
+            self.seqs[r.id], self.held[r.id] = list(r.input_ids), 0
+            if r.generated_tokens:
+                self.preempted_prompts[r.id] = list(r.input_ids)
+        try:
+            self._grow(ids)
+        except grpc.aio.AioRpcError:
+            for r in ids:
+                self._free(r)
+            raise
+        self.batches[batch.id] = ids
+        return pb.PrefillResponse(generations=self._step(ids), batch=pb.CachedBatch(id=batch.id, request_ids=ids))
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> pb.DecodeResponse:
+        ids = [r for b in batches for r in self.batches[b.id]]
+        self._grow(ids)  # refused before anything changes, as the real engine does
+        for b in batches[1:]:
+            del self.batches[b.id]
+        self.batches[batches[0].id] = ids
+        return pb.DecodeResponse(generations=self._step(ids), batch=pb.CachedBatch(id=batches[0].id, request_ids=ids))
+
+    async def filter(self, batch_id: int, keep: Sequence[int]) -> None:
+        for r in self.batches[batch_id]:
+            if r not in keep:
+                self._free(r)
+        self.batches[batch_id] = list(keep)
+
+    async def clear(self, batch_id: int | None = None) -> None:
+        for b in list(self.batches) if batch_id is None else [batch_id]:
+            for r in self.batches.pop(b, []):
+                self._free(r)
+
+
+TOKENIZER = SimpleNamespace(
+    decode=lambda ids: " ".join(map(str, ids)), special_ids=set(), token_text=lambda token_id: str(token_id)
+)
+
+
+def _request(prompt: list[int], max_new: int) -> InFlightRequest:
+    return InFlightRequest(prompt, validate_parameters({"max_new_tokens": max_new}, SETTINGS), max_new)
+
+
+async def _serve(
+    shard: BookkeepingShard, kv: KvBudget, jobs: list[tuple[list[int], int]]
+) -> tuple[list[InFlightRequest], list[list[int]], list[EndEvent | ErrorEvent]]:
+    scheduler = Scheduler(shard, TOKENIZER, SETTINGS, set(), Metrics(), kv=kv)  # type: ignore[arg-type]
+    loop = asyncio.ensure_future(scheduler.run())
+    requests = [_request(p, n) for p, n in jobs]
+    for r in requests:
+        scheduler.submit(r)
+    streamed: list[list[int]] = []
+    ends: list[EndEvent | ErrorEvent] = []
+    for r in requests:
+        ids: list[int] = []
+        while True:
+            event = await asyncio.wait_for(r.events.get(), 10)
+            if isinstance(event, TokenEvent):
+                ids.append(event.token.id)
+                assert event.index == len(ids)  # every index once, in order: nothing sent twice
+            if isinstance(event, EndEvent | ErrorEvent):
+                ends.append(event)
+                break
+        streamed.append(ids)
+    loop.cancel()
+    return requests, streamed, ends
+
+
+def test_the_three_requests_of_the_bug_all_finish_with_their_solo_tokens() -> None:
+    # --max-batch-total-tokens 64, block size 16: 4 blocks. Three 5 + 14 token requests need 2 blocks each.
+    shard = BookkeepingShard(16, 4)
+    jobs = [([3, 1, 4, 1, 5], 14), ([2, 7, 1, 8, 2], 14), ([1, 6, 1, 8, 0], 14)]
+    requests, streamed, ends = asyncio.run(_serve(shard, KvBudget(16, 4), jobs))
+    assert all(isinstance(e, EndEvent) and e.finish_reason == "length" for e in ends)
+    assert streamed == [solo(p, n) for p, n in jobs]
+    assert [[t.id for t in e.tokens] for e in ends if isinstance(e, EndEvent)] == streamed
+    assert requests[0].preemptions == 0 and sum(r.preemptions for r in requests) >= 1
+    assert shard.refusals == 0  # the router's count is exact: it preempts before the shard would refuse
+    assert shard.free == 4 and not shard.batches
+
+
+def test_a_preempted_request_is_recomputed_from_its_prompt_and_generated_tokens() -> None:
+    shard = BookkeepingShard(4, 6)
+    jobs = [([5, 5, 5], 17), ([9, 9, 9], 17)]  # 20 tokens: 5 blocks each, 6 in all
+    requests, streamed, _ = asyncio.run(_serve(shard, KvBudget(4, 6), jobs))
+    assert streamed == [solo(p, n) for p, n in jobs]
+    assert requests[0].preemptions == 0 and requests[1].preemptions >= 1  # the newest gave its blocks back
+    prompt = shard.preempted_prompts[requests[1].id]
+    assert prompt[:3] == [9, 9, 9] and prompt[3:] == streamed[1][: len(prompt) - 3]
+
+
+@pytest.mark.parametrize("hidden", [3, 5])
+def test_a_shard_refusing_against_the_routers_count_preempts_rather_than_fails(hidden: int) -> None:
+    """The router believes 8 blocks, the shard has fewer (another rank's cache, a future optimistic count)."""
+    shard = BookkeepingShard(4, hidden)
+    jobs = [([i + 1] * (2 + i % 3), 9 - i % 3) for i in range(8)]  # 11 tokens: 3 blocks, each fits alone
+    requests, streamed, ends = asyncio.run(_serve(shard, KvBudget(4, 8), jobs))
+    assert shard.refusals >= 1
+    assert all(isinstance(e, EndEvent) for e in ends), ends
+    assert streamed == [solo(p, n) for p, n in jobs]
+    assert requests[0].preemptions == 0
+    assert shard.free == hidden
+
+
+def test_admission_is_in_blocks_and_lets_a_long_preempted_prompt_in_alone() -> None:
+    settings = RouterSettings(max_batch_prefill_tokens=8, max_input_tokens=8, max_total_tokens=40)
+    scheduler = Scheduler(None, TOKENIZER, settings, set(), Metrics(), kv=KvBudget(8, 5))  # type: ignore[arg-type]
+    preempted = _request([1] * 8, 30)
+    preempted.generated = [2] * 12  # 20 tokens now: over the prefill budget, but alone in its batch
+    scheduler.waiting.extend([preempted, _request([3] * 7, 4), _request([4] * 8, 4)])
+    assert scheduler._admit() == [preempted]  # 3 blocks; the next prompt would pass the prefill budget
+    scheduler.running[preempted.id] = preempted
+    batch = scheduler._admit()
+    assert [len(e.input_ids) for e in batch] == [7]  # 3 + 1 blocks; 8 + 1 tokens would need 2 more
