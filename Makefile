@@ -28,9 +28,15 @@ $(STAMP): pyproject.toml Makefile
 # The demo adapters, trained by scripts/train_demo_adapters.py; LORA_ADAPTERS in the environment overrides.
 LORA_ADAPTERS ?= pirate=demo/adapters/pirate,french=demo/adapters/french,json=demo/adapters/json
 
+# The dtype: bfloat16 where the CPU computes it natively (AVX-512 BF16 or AMX: about twice float32's speed in
+# the benchmark suite, docs/bench.md), else the flag's `auto` (float32 on the CPU, bfloat16 on CUDA). DTYPE in
+# the environment overrides (`DTYPE=float32 make run`); an empty DTYPE counts as unset, as for every twin.
+# Lazy (`=`): /proc/cpuinfo is read only when a recipe uses it.
+RUN_DTYPE = $(or $(strip $(DTYPE)),$(shell grep -qswE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bfloat16 || echo auto))
+
 run: install
 	$(BIN)/loraplex-convert-embedded
-	$(BIN)/loraplex-launcher --lora-adapters "$(LORA_ADAPTERS)"
+	$(BIN)/loraplex-launcher --dtype "$(RUN_DTYPE)" --lora-adapters "$(LORA_ADAPTERS)"
 
 # The second mypy run types the deployment checks and the images' entry point (imports silent: other
 # tests' helpers are not typed strictly).

