@@ -63,7 +63,7 @@ def _details(end: EndEvent) -> pb.Details:
 
 def _parameters(service: RouterService, params: pb.Parameters) -> GenerateParameters:
     raw: dict[str, Any] = MessageToDict(params, preserving_proto_field_name=True)
-    for name in ("seed", "max_new_tokens", "top_k", "truncate", "top_n_tokens"):
+    for name in ("seed", "max_new_tokens", "top_k", "truncate", "top_n_tokens", "min_tokens"):
         if name in raw:
             raw[name] = int(raw[name])
     try:

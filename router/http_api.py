@@ -10,7 +10,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from loraplex.router.errors import ApiError
 from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent, TokenInfo
@@ -18,18 +19,31 @@ from loraplex.router.inflight import InFlightRequest
 from loraplex.router.schemas import TGI_PARAMETERS
 from loraplex.router.service import RouterService
 from loraplex.router.tenancy import Tenant
-from loraplex.router.validation import GenerateParameters, ValidationError, validate_parameters
+from loraplex.router.validation import GenerateParameters, ValidationError, unicode_problem, validate_parameters
 
 
-class GenerateBody(BaseModel):
+class _UnicodeBody(BaseModel):
+    """A body whose every string is valid Unicode, checked before any field: a lone surrogate is 422."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (problem := unicode_problem(data)) is not None:
+            raise PydanticCustomError("unicode", problem)
+        return data
+
+
+class GenerateBody(_UnicodeBody):
     inputs: str = Field(description="the prompt")
     parameters: dict[str, Any] = Field(
-        default_factory=dict, description="TGI parameters, plus adapter_id", json_schema_extra=TGI_PARAMETERS
+        default_factory=dict,
+        description="TGI parameters, plus adapter_id and vLLM's ignore_eos and min_tokens",
+        json_schema_extra=TGI_PARAMETERS,
     )
     stream: bool = False
 
 
-class TokenizeBody(BaseModel):
+class TokenizeBody(_UnicodeBody):
     inputs: str
     parameters: dict[str, Any] = Field(default_factory=dict)
 

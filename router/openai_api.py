@@ -18,7 +18,7 @@ from loraplex.router.inflight import InFlightRequest
 from loraplex.router.schemas import CHAT_BODY, COMPLETION_BODY
 from loraplex.router.service import RouterService
 from loraplex.router.tokenizer import TemplateFailure
-from loraplex.router.validation import ValidationError, validate_parameters
+from loraplex.router.validation import ValidationError, chat_messages, unicode_problem, validate_parameters
 
 # "tgi" is what TGI clients send; "dummy" is what huggingface_hub's InferenceClient sends when it was built
 # from a server URL (older releases sent the URL itself, which is also accepted).
@@ -50,6 +50,8 @@ def _params(service: RouterService, body: dict[str, Any], adapter: str) -> Any:
         "seed": body.get("seed"),
         "stop": body.get("stop"),
         "frequency_penalty": body.get("frequency_penalty"),
+        "ignore_eos": body.get("ignore_eos"),  # vLLM's extensions, which benchmark clients send
+        "min_tokens": body.get("min_tokens"),
         "details": True,
     }
     # OpenAI allows temperature 0 (greedy) and top_p 1 (no filter); TGI's ranges exclude both.
@@ -151,13 +153,11 @@ def openai_routes(service: RouterService) -> APIRouter:
     )
     async def chat(request: Request) -> Any:
         body = await _body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise OpenAIError(422, "validation", "`messages` must be a non-empty list of objects")
-        for m in messages:
-            if isinstance(m.get("content"), list):  # content parts: keep the text ones
-                m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
         try:
+            messages = chat_messages(body.get("messages"))
+        except ValidationError as exc:
+            raise OpenAIError(422, "validation", str(exc)) from exc
+        try:  # the template's own refusals ("roles must alternate") are the caller's to fix: 422, its words
             prompt = service.chat_prompt(messages)
         except TemplateFailure as exc:
             raise OpenAIError(422, "validation", str(exc)) from exc
@@ -194,4 +194,6 @@ async def _body(request: Request) -> dict[str, Any]:
         raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
     if not isinstance(body, dict):
         raise OpenAIError(422, "validation", "the request body must be a JSON object")
+    if (problem := unicode_problem(body)) is not None:
+        raise OpenAIError(422, "validation", problem)
     return body

@@ -333,11 +333,11 @@ class Scheduler:
             self.metrics.output_tokens.inc()
             self.metrics.adapter_tokens.labels(e.params.adapter_id or "base").inc()
             reason = None
-            # vLLM's ignore_eos and min_tokens: EOS and stop sequences end nothing before min_tokens tokens, and
-            # a stop sequence counts where it ends in this token's text (one from before min_tokens stays text).
+            # vLLM's ignore_eos and min_tokens: an EOS ends the answer only after min_tokens other tokens (the
+            # shard masks it before), a stop sequence from min_tokens on, counted where it ends in this token's text.
             early = len(e.generated) < e.params.min_tokens
             fresh = 0 if token.special else len(token.text)
-            if token.id in self.eos_ids and not e.params.ignore_eos and not early:
+            if token.id in self.eos_ids and not e.params.ignore_eos and len(e.generated) > e.params.min_tokens:
                 reason = "eos_token"
             elif not early and any(s in e.text[max(0, len(e.text) - fresh - len(s) + 1) :] for s in e.params.stop):
                 reason = "stop_sequence"

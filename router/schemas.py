@@ -35,6 +35,8 @@ TGI_PARAMETERS: dict[str, Any] = {
         "top_n_tokens": _INT,
         "best_of": _INT,
         "watermark": _BOOL,
+        "ignore_eos": _BOOL,
+        "min_tokens": _INT,
     },
 }
 
@@ -51,11 +53,16 @@ _SAMPLING = {
     "stream": _BOOL,
     "logprobs": _BOOL,
     "top_logprobs": _INT,
+    "ignore_eos": _BOOL,
+    "min_tokens": _INT,
 }
 
+# Any role and part type the schema's types allow: the chat template judges roles, and a part that is not
+# text is refused with a 422 (the models take text only).
+_PART = {"type": "object", "properties": {"type": _STRING, "text": _STRING}, "required": ["type"]}
 _MESSAGE = {
     "type": "object",
-    "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": _STRING},
+    "properties": {"role": _STRING, "content": {"anyOf": [_STRING, {"type": "array", "items": _PART}]}},
     "required": ["role", "content"],
 }
 

@@ -78,7 +78,11 @@ class TextTokenizer:
             return self._template.render(
                 messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
             )
-        except TemplateError as exc:
+        except TemplateFailure:
+            raise
+        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+            # The messages are checked strings, so a template that breaks on them refuses them (a role it does
+            # not know, a dict lookup it expects): the caller's request, not the server, is what fails.
             raise TemplateFailure(f"chat template failed: {exc}") from exc
 
 

@@ -29,6 +29,7 @@ class GenerateParameters(SamplingParams):
     details: bool = False
     top_n_tokens: int = 0
     decoder_input_details: bool = False
+    ignore_eos: bool = False  # vLLM's: EOS ends nothing (min_tokens, the other one, is a sampling knob)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +92,12 @@ def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> Gen
         if not 0 <= v < 2**64:
             raise ValidationError("`seed` must be >= 0 and < 2^64")
         out["seed"] = v
+    if (v := _number(params, "min_tokens", int)) is not None:
+        if v < 0:
+            raise ValidationError("`min_tokens` must be >= 0")
+        if v > out.get("max_new_tokens", v):
+            raise ValidationError(f"`min_tokens` must be <= `max_new_tokens`. Given: {v} and {out['max_new_tokens']}")
+        out["min_tokens"] = v
     best_of = _number(params, "best_of", int)
     if best_of is not None and best_of != 1:
         raise ValidationError("`best_of` is not supported by loraplex; use separate requests")
@@ -104,7 +111,7 @@ def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> Gen
     if len(stop) > settings.max_stop_sequences:
         raise ValidationError(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. Given: {len(stop)}")
     out["stop"] = tuple(s for s in stop if s)
-    for name in ("do_sample", "return_full_text", "details", "decoder_input_details"):
+    for name in ("do_sample", "return_full_text", "details", "decoder_input_details", "ignore_eos"):
         value = params.get(name)
         if value is not None:
             if not isinstance(value, bool):
@@ -127,11 +134,77 @@ def check_lengths(input_len: int, params: GenerateParameters, settings: RouterSe
     if input_len > settings.max_input_tokens:
         raise ValidationError(f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {input_len}")
     if params.max_new_tokens is None:
-        return max(1, min(DEFAULT_MAX_NEW_TOKENS, settings.max_total_tokens - input_len))
-    max_new = params.max_new_tokens
+        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, settings.max_total_tokens - input_len))
+        if params.min_tokens <= max_new:
+            return max_new
+        # The default gives way to a larger min_tokens, within max_total_tokens like an explicit max_new_tokens.
+        name, max_new = "min_tokens", params.min_tokens
+    else:
+        name, max_new = "max_new_tokens", params.max_new_tokens
     if input_len + max_new > settings.max_total_tokens:
         raise ValidationError(
-            f"`inputs` tokens + `max_new_tokens` must be <= {settings.max_total_tokens}. "
-            f"Given: {input_len} `inputs` tokens and {max_new} `max_new_tokens`"
+            f"`inputs` tokens + `{name}` must be <= {settings.max_total_tokens}. "
+            f"Given: {input_len} `inputs` tokens and {max_new} `{name}`"
         )
     return max_new
+
+
+def unicode_problem(value: Any, where: str = "the request body") -> str | None:
+    """Why ``value`` (a parsed JSON body, keys included) is not valid Unicode text, or None when it is.
+
+    JSON can spell a lone surrogate ("\\ud800"); Python keeps it in a str, but no tokenizer, template or UTF-8
+    encoder takes it, so it is refused here, before the request touches any of them.
+    """
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:  # no recursion: the body may be as deep as the JSON parser allowed
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    bad = ord(item[exc.start])
+                    return f"{path} is not valid Unicode: it holds a lone surrogate (U+{bad:04X})"
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                stack.append((key, f"a key of {path}"))
+                named = path == where and isinstance(key, str) and key.isascii()  # the message must encode too
+                stack.append((inner, f"`{key}`" if named else path))
+        elif isinstance(item, list):
+            stack.extend((inner, path) for inner in item)
+    return None
+
+
+def chat_messages(raw: Any) -> list[dict[str, str]]:
+    """OpenAI ``messages`` as the chat template gets them: ``role`` and ``content``, both strings.
+
+    ``content`` may be OpenAI's content parts: the text parts are joined (as TGI does); any other part is
+    refused, this server's models taking text only. Other keys are dropped: templates see checked strings only.
+    """
+    if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
+        raise ValidationError("`messages` must be a non-empty list of objects")
+    out = []
+    for i, message in enumerate(raw):
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValidationError(f"`messages[{i}].role` must be a non-empty string")
+        out.append({"role": role, "content": _content(message.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValidationError(f"`{where}` must be a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            shown = f"of type {ascii(kind)[:40]}" if isinstance(kind, str) else "without a type"
+            raise ValidationError(f"`{where}[{j}]`: this model takes text only; content parts {shown} are refused")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ValidationError(f"`{where}[{j}].text` must be a string")
+        texts.append(text)
+    return "".join(texts)

@@ -1,8 +1,8 @@
-"""Next-token choice per request: penalties, temperature, top-k/top-p/typical-p, seeded sampling, logprobs."""
+"""Next-token choice per request: min_tokens, penalties, temperature, top-k/top-p/typical-p, seeded draws, logprobs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,19 +11,41 @@ from loraplex.common.sampling import SamplingParams
 
 
 class TokenChooser:
-    """One request's sampler; its own seeded generator makes a seed's output independent of the batch."""
+    """One request's sampler; its own seeded generator makes a seed's output independent of the batch.
 
-    def __init__(self, params: SamplingParams, top_n: int = 0) -> None:
+    ``eos_ids`` are the model's end-of-sequence tokens: they cannot be chosen until ``params.min_tokens``
+    tokens have been (vLLM's min_tokens), so the answer is never cut short by an early EOS.
+    """
+
+    def __init__(self, params: SamplingParams, top_n: int = 0, eos_ids: Iterable[int] = ()) -> None:
         self.params = params
         self.top_n = top_n
+        self.eos_ids = sorted(set(eos_ids))
+        self.generated = 0  # tokens chosen so far (the prefill's included)
         self.generator: torch.Generator | None = None
         if params.sampling:
             self.generator = torch.Generator().manual_seed(params.seed)
 
+    @property
+    def holds_eos(self) -> bool:
+        """The next token may not be an EOS: fewer than min_tokens chosen yet."""
+        return bool(self.eos_ids) and self.generated < self.params.min_tokens
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (one row) with the EOS ids at -inf while min_tokens is not reached; otherwise unchanged."""
+        if not self.holds_eos:
+            return logits
+        ids = [i for i in self.eos_ids if i < logits.shape[-1]]
+        if len(ids) == logits.shape[-1]:  # nothing else could be chosen: better an EOS than a NaN draw
+            return logits
+        logits = logits.clone()
+        logits[ids] = -float("inf")
+        return logits
+
     def process(self, logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
         """Penalties and temperature applied to one row of float32 logits (a new tensor)."""
         p = self.params
-        logits = logits.clone()
+        logits = self.mask(logits).clone()
         if p.penalised and token_ids:
             ids = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
             if p.repetition_penalty != 1.0:
@@ -77,10 +99,14 @@ def choose_tokens(
     plain = all(not c.params.sampling and not c.params.penalised for c in choosers)
     if plain:
         processed = logits
-        chosen = logits.argmax(-1).tolist()
+        if any(c.holds_eos for c in choosers):
+            processed = torch.stack([c.mask(row) for c, row in zip(choosers, logits, strict=True)])
+        chosen = processed.argmax(-1).tolist()
     else:
         processed = torch.stack([c.process(row, ids) for c, row, ids in zip(choosers, logits, token_ids, strict=True)])
         chosen = [c.choose(row) for c, row in zip(choosers, processed, strict=True)]
+    for c in choosers:
+        c.generated += 1
     logprobs = processed.log_softmax(-1)
     picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
     out = []

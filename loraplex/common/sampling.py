@@ -1,4 +1,4 @@
-"""TGI's sampling knobs with their neutral defaults: what the router validates and the shard applies."""
+"""TGI's sampling knobs, and vLLM's min_tokens, with neutral defaults: what the router checks and the shard applies."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     seed: int = 0
+    # Until this many tokens are generated the shard masks the EOS ids (vLLM's min_tokens); 0: no floor.
+    min_tokens: int = 0
 
     @property
     def sampling(self) -> bool:

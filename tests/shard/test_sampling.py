@@ -51,3 +51,35 @@ def test_repetition_and_frequency_penalties_push_seen_tokens_down() -> None:
     assert torch.allclose(processed[:2], torch.tensor([1.2, 1.1])) and processed[2] == 1.0
     negative = TokenChooser(SamplingParams(repetition_penalty=2.0)).process(_logits(), [5])
     assert negative[5] == -6.0  # negative scores are multiplied, as in transformers
+
+
+def _steps(chooser: TokenChooser, rows: int) -> list[int]:
+    """Tokens ``chooser`` picks over ``rows`` steps whose logits make token 0 (the EOS here) the favourite."""
+    return [choose_tokens(_logits().unsqueeze(0), [chooser], [[]])[0].token_id for _ in range(rows)]
+
+
+def test_min_tokens_masks_eos_until_reached_on_every_path() -> None:
+    for params in (
+        SamplingParams(min_tokens=3),  # the vectorised argmax path
+        SamplingParams(min_tokens=3, repetition_penalty=1.2),  # the per-row path
+        SamplingParams(min_tokens=3, do_sample=True, top_k=1, seed=1),  # a draw that can only pick the favourite
+    ):
+        assert _steps(TokenChooser(params, eos_ids=[0]), 5) == [1, 1, 1, 0, 0], params
+    assert _steps(TokenChooser(SamplingParams(min_tokens=3)), 2) == [0, 0]  # no EOS ids known: nothing to mask
+    assert _steps(TokenChooser(SamplingParams(), eos_ids=[0]), 2) == [0, 0]  # min_tokens 0: EOS at once
+
+
+def test_min_tokens_masks_every_eos_id_and_only_its_own_row() -> None:
+    held = TokenChooser(SamplingParams(min_tokens=2), top_n=2, eos_ids=[0, 1, 999])  # ids past the vocab: ignored
+    free = TokenChooser(SamplingParams(), eos_ids=[0, 1])
+    out = choose_tokens(torch.stack([_logits(), _logits()]), [held, free], [[], []])
+    assert [c.token_id for c in out] == [2, 0]
+    assert [t for t, _ in out[0].top_tokens] == [2, 3]  # the masked EOS ids have probability 0
+    assert math.isclose(out[0].logprob, float(_logits()[2:].log_softmax(-1)[0]), rel_tol=1e-6)
+    assert held.generated == free.generated == 1
+    assert _steps(held, 2) == [2, 0]  # its second token is still held; from the third on EOS may come
+
+
+def test_min_tokens_never_masks_the_whole_vocabulary() -> None:
+    only_eos = TokenChooser(SamplingParams(min_tokens=5), eos_ids=range(6))
+    assert _steps(only_eos, 1) == [0]  # an EOS rather than a draw from nothing
