@@ -107,8 +107,11 @@ def test_a_preempted_stream_ends_with_its_exact_answer(small_kv: Server) -> None
             await started.wait()  # the seeded one is the newer: it gives its blocks back when the older grows
             second = await _stream(client, small_kv.url, seeded)
             together = await first
-            return together, second, await _generate(client, small_kv.url, greedy), await _generate(
-                client, small_kv.url, seeded
+            return (
+                together,
+                second,
+                await _generate(client, small_kv.url, greedy),
+                await _generate(client, small_kv.url, seeded),
             )
 
     together, preempted, greedy_alone, seeded_alone = asyncio.run(run())
