@@ -2,5 +2,6 @@
 
 from __future__ import annotations
 
-# The shard's KV cache in tokens; the router plans batches against the same number.
+# --max-batch-total-tokens: the shard sizes its KV cache from it (in whole blocks); the router caps its token
+# budget with it, and admits into the blocks the shard reports (docs/serving.md).
 MAX_BATCH_TOTAL_TOKENS = 32768
