@@ -290,8 +290,8 @@ class Scheduler:
             self.waiting.appendleft(e)
 
     async def _decode_refused(self, exc: grpc.aio.AioRpcError) -> None:
-        """The shards refused a step for want of KV blocks although our count said it fits (another rank's
-        cache, or a count that is off): the newest request makes room; only a lone one fails."""
+        """The shards refused a step for want of KV blocks although our count said it fits (a count that is
+        off, or a future optimistic one): the newest request makes room; only a lone one fails."""
         newest = max(self.running.values(), key=lambda e: e.id)
         log.warning("KV cache full against the router's count", extra={"details": exc.details()})
         if len(self.running) > 1:
