@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -99,3 +100,107 @@ def test_openai_validation_errors_use_openai_shape(server: Server) -> None:
 def test_server_keeps_serving_after_the_bad_requests(server: Server) -> None:
     r = httpx.post(server.url + "/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
     assert r.status_code == 200 and httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+
+# A JSON body may spell a lone surrogate; Python keeps it in a str that no tokenizer or UTF-8 encoder takes.
+SURROGATE = "a\\ud800b"
+TGI_SURROGATES = [
+    ("/generate", f'{{"inputs": "{SURROGATE}"}}'),
+    ("/generate_stream", f'{{"inputs": "{SURROGATE}"}}'),
+    ("/", f'{{"inputs": "{SURROGATE}"}}'),
+    ("/", f'{{"inputs": "{SURROGATE}", "stream": true}}'),
+    ("/tokenize", f'{{"inputs": "{SURROGATE}"}}'),
+    ("/generate", f'{{"inputs": "hi", "parameters": {{"stop": ["{SURROGATE}"]}}}}'),
+    ("/generate_stream", f'{{"inputs": "hi", "parameters": {{"adapter_id": "{SURROGATE}"}}}}'),
+    ("/generate", f'{{"inputs": "hi", "parameters": {{"{SURROGATE}": 1}}}}'),
+]
+OPENAI_SURROGATES = [
+    ("/v1/completions", f'{{"prompt": "{SURROGATE}"}}'),
+    ("/v1/completions", f'{{"prompt": ["{SURROGATE}"]}}'),
+    ("/v1/completions", '{"prompt": "hi", "stop": "\\udfff"}'),
+    ("/v1/completions", f'{{"prompt": "hi", "model": "{SURROGATE}"}}'),
+    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "{SURROGATE}"}}]}}'),
+    ("/v1/chat/completions", f'{{"messages": [{{"role": "{SURROGATE}", "content": "hi"}}]}}'),
+    (
+        "/v1/chat/completions",
+        f'{{"messages": [{{"role": "user", "content": [{{"type": "text", "text": "{SURROGATE}"}}]}}]}}',
+    ),
+]
+
+
+def _post_raw(server: Server, route: str, raw: str, stream: bool) -> httpx.Response:
+    if stream and route.startswith("/v1/"):
+        raw = raw[:-1] + ', "stream": true}'
+    return httpx.post(
+        server.url + route, content=raw.encode(), headers={"content-type": "application/json"}, timeout=30
+    )
+
+
+@pytest.mark.parametrize(("route", "raw"), TGI_SURROGATES)
+def test_lone_surrogates_are_422_in_tgis_shape(server: Server, route: str, raw: str) -> None:
+    _is_tgi_validation(_post_raw(server, route, raw, False), "not valid Unicode")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("route", "raw"), OPENAI_SURROGATES)
+def test_lone_surrogates_are_422_in_openais_shape(server: Server, route: str, raw: str, stream: bool) -> None:
+    r = _post_raw(server, route, raw, stream)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert "not valid Unicode" in error["message"] and error["type"] == "invalid_request_error", error
+
+
+BAD_MESSAGES: list[tuple[Any, str]] = [
+    ([{"role": 7, "content": "Hi"}], "messages[0].role"),
+    ([{"role": None, "content": "Hi"}], "messages[0].role"),
+    ([{"content": "Hi"}], "messages[0].role"),
+    ([{"role": "user", "content": 7}], "messages[0].content"),
+    ([{"role": "user", "content": None}], "messages[0].content"),
+    ([{"role": "user", "content": {"text": "Hi"}}], "messages[0].content"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": ["Hi"]}], "messages[1].content[0]"),
+    (
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "x"}}],
+            }
+        ],
+        "takes text only",
+    ),
+    ([{"role": "user", "content": [{"type": "input_audio"}]}], "takes text only"),
+    ([{"role": "user", "content": [{"text": "Hi"}]}], "takes text only"),
+    ([{"role": "user", "content": [{"type": "text", "text": 7}]}], "messages[0].content[0].text"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
+    ([], "non-empty list"),
+    (["Hi"], "non-empty list"),
+    ({"role": "user", "content": "Hi"}, "non-empty list"),
+    ("Hi", "non-empty list"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("messages", "words"), BAD_MESSAGES, ids=[str(i) for i in range(len(BAD_MESSAGES))])
+def test_malformed_chat_messages_are_422_before_the_template(
+    server: Server, messages: Any, words: str, stream: bool
+) -> None:
+    body = {"messages": messages, "max_tokens": 2, "stream": stream}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error", error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_content_parts_are_joined_like_a_string(server: Server, stream: bool) -> None:
+    def answer(content: Any) -> str:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "stream": stream}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        if not stream:
+            return str(r.json()["choices"][0]["message"]["content"])
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+    parts = [{"type": "text", "text": "what is "}, {"type": "text", "text": "the capital?"}]
+    assert answer(parts) == answer("what is the capital?")
