@@ -122,12 +122,15 @@ def openai_routes(service: RouterService) -> APIRouter:
         model = body.get("model")
         adapter = resolve_model(service, model)
         params = _params(service, body, adapter)
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):  # "false" is truthy: never guess what was meant
+            raise OpenAIError(422, "validation", "`stream` must be a boolean")
         try:
             pending = await service.prepare(prompt, params, tenant_of(request))
         except ApiError as exc:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
         name = model if isinstance(model, str) and model else service.model_id
-        if body.get("stream"):
+        if stream:
             return StreamingResponse(_stream(service, pending, name, kind), media_type="text/event-stream")
         try:
             end = await service.result(pending, client_gone(request))

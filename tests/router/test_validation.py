@@ -95,6 +95,8 @@ def test_openai_validation_errors_use_openai_shape(server: Server) -> None:
     assert r.status_code == 422 and "messages" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 0}, timeout=30)
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "stream": "false"}, timeout=30)
+    assert r.status_code == 422 and "stream" in r.json()["error"]["message"]
 
 
 def test_server_keeps_serving_after_the_bad_requests(server: Server) -> None:
