@@ -66,10 +66,10 @@ def _round(url: str, streams: int, tokens: int, loads: list[str]) -> tuple[list[
     admin = {"Authorization": f"Bearer {ADMIN}"}
     for adapter in loads:
         started = time.perf_counter()
-        resp = httpx.post(url + "/admin/adapters", json={"id": adapter}, headers=admin, timeout=300)
+        resp = httpx.post(url + "/adapters", json={"id": adapter}, headers=admin, timeout=300)
         resp.raise_for_status()
         load_seconds.append(time.perf_counter() - started)
-        httpx.delete(url + f"/admin/adapters/{adapter}", headers=admin, timeout=300).raise_for_status()
+        httpx.delete(url + f"/adapters/{adapter}", headers=admin, timeout=300).raise_for_status()
     for t in threads:
         t.join()
     return gaps, load_seconds
