@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = parse_dtype(args.dtype, device)
         config = ModelConfig.from_dir(model_dir)
         TensorParallel(args.rank, args.num_shard).check(config)  # before waiting for the other ranks
-        init = f"tcp://{args.master_addr}:{args.master_port}"
+        init = args.init_method or f"tcp://{args.master_addr}:{args.master_port}"
         tp = init_tensor_parallel(args.rank, args.num_shard, init, device)
         runner = model_thread.call(
             build_runner,

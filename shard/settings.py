@@ -36,6 +36,12 @@ def shard_parser() -> FlagParser:
     p.flag("--num-shard", type=int, default=1, help="tensor-parallel degree (number of shard processes)")
     p.flag("--master-addr", default="127.0.0.1", help="where rank 0 listens for the process group")
     p.flag("--master-port", type=int, default=29500)
+    p.flag(
+        "--init-method",
+        default="",
+        help="torch.distributed init method, e.g. file:///private/dir/rendezvous (opens no port); "
+        "empty: tcp://<--master-addr>:<--master-port>, whose store listens on every interface",
+    )
     add_drain_timeout_flag(p, "on SIGTERM, seconds to wait for cached batches to end")
     p.flag("--json-output", action="store_true", help="JSON log lines")
     return p
