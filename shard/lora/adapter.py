@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
+import math
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from loraplex.shard.config import ModelConfig
-from loraplex.shard.lora.config import AdapterError, LoraConfig, read_config
+from loraplex.shard.lora.config import AdapterError, read_config
+from loraplex.shard.lora.patterns import PATTERN_SECONDS
 from loraplex.shard.parallel import TensorParallel
 from loraplex.shard.projections import PROJECTIONS, Projection
 
@@ -80,7 +83,21 @@ class LoraAdapter:
         return LoraAdapter(self.adapter_id, moved, self.weight_bytes, self.source)
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+MAX_HEADER_BYTES = 16 << 20  # ~100 bytes a tensor: far above any adapter's header, far below a memory problem
+# Floating-point safetensors dtypes and their sizes; anything else is refused from the header.
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor as the safetensors header declares it; nothing of its data has been read."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    end: int  # where its data ends, counted from the start of the data area
+
+
+def _weights_path(directory: Path) -> Path:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         pickles = [name for name in _PICKLE_FILES if (directory / name).exists()]
@@ -91,17 +108,62 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
                 f"convert it to {WEIGHTS_FILE}",
             )
         raise AdapterError("not_found", f"adapter has no {WEIGHTS_FILE}")
+    return path
+
+
+def _corrupt(reason: str) -> AdapterError:
+    return AdapterError("corrupt", f"{WEIGHTS_FILE} is corrupt or truncated: {reason}")
+
+
+def _read_header(path: Path) -> tuple[dict[str, _Entry], int]:
+    """The tensors the file declares and the size of its data area, from the header alone: shapes are checked
+    before a byte of weights is read (a hostile file cannot make us read or allocate what it claims)."""
     try:
-        return load_file(str(path))
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
+                raise _corrupt(f"header length {length} does not fit a file of {size} bytes")
+            raw = f.read(length)
+    except OSError as exc:
+        raise _corrupt(str(exc)) from exc
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _corrupt("header is not a JSON object")
+    entries: dict[str, _Entry] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok or not isinstance(dtype, str) or begin > end:
+            raise _corrupt(f"header entry {key!r} is malformed")
+        if dtype in _FLOAT_DTYPES and end - begin != math.prod(shape) * _FLOAT_DTYPES[dtype]:
+            raise _corrupt(f"{key} declares {end - begin} bytes for shape {list(shape)} of {dtype}")
+        entries[key] = _Entry(dtype, shape, end)
+    return entries, size - 8 - length
+
+
+def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Only the named tensors (those the checks accepted), each read at its offset."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError("corrupt", f"{WEIGHTS_FILE} is corrupt or truncated: {exc}") from exc
+        raise _corrupt(str(exc)) from exc
 
 
-def _parse_keys(
-    tensors: dict[str, torch.Tensor], config: ModelConfig
-) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+def _parse_keys(entries: Iterable[str], config: ModelConfig) -> dict[tuple[int, str], dict[str, str]]:
+    """``(layer, projection) -> {"A": key, "B": key}``; any other tensor is refused by name."""
+    found: dict[tuple[int, str], dict[str, str]] = {}
+    for key in entries:
         match = _KEY.match(key)
         if match is None:
             if "lora_magnitude_vector" in key:
@@ -123,7 +185,7 @@ def _parse_keys(
                 "shape_mismatch",
                 f"weight {key} is for layer {layer}; the base model has {config.num_layers} layers",
             )
-        found.setdefault((layer, proj), {})[half] = tensor
+        found.setdefault((layer, proj), {})[half] = key
     if not found:
         raise AdapterError("corrupt", f"{WEIGHTS_FILE} holds no LoRA weights")
     return found
@@ -138,6 +200,131 @@ def _inline(piece: Callable[[], Any]) -> Any:
     return piece()
 
 
+@dataclass(frozen=True)
+class _Module:
+    key_a: str
+    key_b: str
+    rank: int
+    scale: float
+    nbytes: int  # of the two source tensors in the file
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """An adapter checked from its config and its weights' header alone: what will be read, and the bytes
+    its weights will take once laid out (``memory_bytes``, host and device copy alike)."""
+
+    adapter_id: str
+    directory: Path
+    path: Path
+    modules: dict[str, dict[int, _Module]]  # projection -> layer -> module
+    memory_bytes: int
+    weight_bytes: int
+
+
+def check_deadline(deadline: float | None, adapter_dir: Path | None = None) -> None:
+    """Refuse the rest of a load once its deadline (``time.monotonic()``) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise AdapterError(
+            "load_timeout", "loading took longer than the shard's --adapter-load-timeout; nothing was kept"
+        )
+
+
+def inspect_adapter(
+    adapter_id: str,
+    directory: Path,
+    config: ModelConfig,
+    *,
+    max_rank: int,
+    dtype: torch.dtype,
+    tp: TensorParallel | None = None,
+    deadline: float | None = None,
+) -> AdapterPlan:
+    """Every check that needs no tensor data: config, patterns (bounded time), names, shapes, ranks, dtypes
+    and offsets from the safetensors header. Raises ``AdapterError`` naming the problem."""
+    tp = tp or TensorParallel()
+    if not directory.is_dir():
+        raise AdapterError("not_found", f"adapter directory {directory.name!r} does not exist")
+    lora = read_config(directory)
+    path = _weights_path(directory)
+    entries, data_bytes = _read_header(path)
+    found = _parse_keys(entries, config)
+    timeout = PATTERN_SECONDS if deadline is None else min(PATTERN_SECONDS, deadline - time.monotonic())
+    targeted = lora.resolve(config.num_layers, timeout=timeout)
+    modules: dict[str, dict[int, _Module]] = {}
+    for (layer, proj), halves in sorted(found.items()):
+        if (layer, proj) not in targeted:
+            continue  # PEFT creates no module there, so it never reads these weights either
+        module = f"model.layers.{layer}.{PROJECTIONS[proj].module}.{proj}"
+        if set(halves) != {"A", "B"}:
+            raise AdapterError("corrupt", f"{module} has lora_{next(iter(halves))} but not its other half")
+        a, b = entries[halves["A"]], entries[halves["B"]]
+        rank, scale = targeted[(layer, proj)]
+        _check_shapes(module, rank, a, b, PROJECTIONS[proj].shape(config), max_rank)
+        for half in (a, b):
+            if half.end > data_bytes:  # checked after the shapes: a wrong shape is the more useful error
+                raise _corrupt(f"{module}'s data ends at byte {half.end} of a data area of {data_bytes} bytes")
+        nbytes = (math.prod(a.shape) + math.prod(b.shape)) * _FLOAT_DTYPES[a.dtype]
+        modules.setdefault(proj, {})[layer] = _Module(halves["A"], halves["B"], rank, scale, nbytes)
+    if not modules:
+        raise AdapterError(
+            "corrupt", "no LoRA weights fall in the modules named by target_modules and layers_to_transform"
+        )
+    local = tp.local_config(config)
+    item = torch.empty(0, dtype=dtype).element_size()
+    memory = 0
+    for proj, layers in modules.items():  # as ``_stack`` lays them out: every layer, at the largest rank
+        in_features, out_features = PROJECTIONS[proj].shape(local)
+        rank = max(m.rank for m in layers.values())
+        memory += config.num_layers * rank * (in_features + out_features) * item
+    weight = sum(m.nbytes for layers in modules.values() for m in layers.values())
+    return AdapterPlan(adapter_id, directory, path, modules, memory, weight)
+
+
+def read_adapter(
+    plan: AdapterPlan,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    tp: TensorParallel | None = None,
+    pace: Pace | None = None,
+    deadline: float | None = None,
+) -> LoraAdapter:
+    """Read the tensors ``plan`` accepted (no other) and lay them out, in pieces run by ``pace``; each piece
+    first checks ``deadline``."""
+    tp = tp or TensorParallel()
+    step = pace or _inline
+
+    def run(piece: Callable[[], Any]) -> Any:
+        def timed() -> Any:
+            check_deadline(deadline)  # on the model thread: also counts the wait for a turn between steps
+            return piece()
+
+        return step(timed)
+
+    keys = [k for layers in plan.modules.values() for m in layers.values() for k in (m.key_a, m.key_b)]
+    tensors: dict[str, torch.Tensor] = run(lambda: _read_tensors(plan.path, keys))
+    per_proj = {
+        proj: {layer: (tensors[m.key_a], tensors[m.key_b], m.scale) for layer, m in layers.items()}
+        for proj, layers in plan.modules.items()
+    }
+    for proj, layers in per_proj.items():  # the data must be what the header declared
+        for layer, (a, b, _) in layers.items():
+            m = plan.modules[proj][layer]
+            if not (a.is_floating_point() and b.is_floating_point()) or a.shape[0] != m.rank:
+                raise _corrupt(f"layer {layer} {proj}: data does not match the header")
+
+    def stack_piece(group: list[str]) -> dict[str, ProjectionWeights]:
+        return {p: _stack(per_proj[p], config, PROJECTIONS[p], dtype, device, tp) for p in group}
+
+    projections: dict[str, ProjectionWeights] = {}
+    for group in _pieces(plan.modules):
+        projections.update(run(functools.partial(stack_piece, group)))
+    check_deadline(deadline)
+    return LoraAdapter(plan.adapter_id, projections, plan.weight_bytes, source=str(plan.directory))
+
+
 def load_adapter(
     adapter_id: str,
     directory: Path,
@@ -148,6 +335,7 @@ def load_adapter(
     device: torch.device | str = "cpu",
     tp: TensorParallel | None = None,
     pace: Pace | None = None,
+    deadline: float | None = None,
 ) -> LoraAdapter:
     """Read, validate and lay out one PEFT LoRA adapter; raises ``AdapterError`` naming the problem.
 
@@ -155,41 +343,17 @@ def load_adapter(
     base layer: B's output rows for column-parallel projections, A's input columns for row-parallel ones
     (the rank-r partial products then sum with the base layer's partial outputs in its all-reduce).
 
-    The work is done in pieces (the read, then projections up to ``PIECE_BYTES`` at a time), each run by ``pace``: the
-    shard runs them on its model thread between forward steps, delaying each by one piece, instead of
-    competing with a step for the cores and stretching it by the whole load.
+    Everything that can be checked from the config and the safetensors header is checked first
+    (``inspect_adapter``); then the work is done in pieces (the read, then projections up to ``PIECE_BYTES``
+    at a time), each run by ``pace``: the shard runs them on its model thread between forward steps,
+    delaying each by one piece, instead of competing with a step for the cores and stretching it by the
+    whole load. Past ``deadline`` (``time.monotonic()``) the load is refused (``load_timeout``).
     """
-    tp = tp or TensorParallel()
-    run = pace or _inline
-    if not directory.is_dir():
-        raise AdapterError("not_found", f"adapter directory {directory.name!r} does not exist")
-    lora = read_config(directory)
-    found = run(lambda: _parse_keys(_read_tensors(directory), config))
-    per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    weight_bytes = 0
-    for (layer, proj), halves in sorted(found.items()):
-        if not lora.transforms_layer(layer):
-            continue  # PEFT creates no module there, so it never reads these weights either
-        module = f"model.layers.{layer}.{PROJECTIONS[proj].module}.{proj}"
-        if set(halves) != {"A", "B"}:
-            raise AdapterError("corrupt", f"{module} has lora_{next(iter(halves))} but not its other half")
-        a, b = halves["A"], halves["B"]
-        _, scale = _checked_rank(lora, module, a, b, PROJECTIONS[proj].shape(config), max_rank)
-        weight_bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-        per_proj.setdefault(proj, {})[layer] = (a, b, scale)
-    if not per_proj:
-        raise AdapterError("corrupt", "no LoRA weights fall in the layers named by layers_to_transform")
-
-    def stack_piece(group: list[str]) -> dict[str, ProjectionWeights]:
-        return {p: _stack(per_proj[p], config, PROJECTIONS[p], dtype, device, tp) for p in group}
-
-    projections: dict[str, ProjectionWeights] = {}
-    for group in _pieces(per_proj):
-        projections.update(run(functools.partial(stack_piece, group)))
-    return LoraAdapter(adapter_id, projections, weight_bytes, source=str(directory))
+    plan = inspect_adapter(adapter_id, directory, config, max_rank=max_rank, dtype=dtype, tp=tp, deadline=deadline)
+    return read_adapter(plan, config, dtype=dtype, device=device, tp=tp, pace=pace, deadline=deadline)
 
 
-def _pieces(per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]]) -> list[list[str]]:
+def _pieces(modules: dict[str, dict[int, _Module]]) -> list[list[str]]:
     """Projections grouped into pieces of about ``PIECE_BYTES`` of source weights (a projection is never split).
 
     Each piece waits for a turn between two forward steps, and the adapter's requests wait for the whole
@@ -198,8 +362,8 @@ def _pieces(per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, floa
     """
     pieces: list[list[str]] = []
     size = 0
-    for proj, layers in per_proj.items():
-        nbytes = sum(a.nbytes + b.nbytes for a, b, _ in layers.values())
+    for proj, layers in modules.items():
+        nbytes = sum(m.nbytes for m in layers.values())
         if not pieces or size + nbytes > PIECE_BYTES:
             pieces.append([])
             size = 0
@@ -208,31 +372,22 @@ def _pieces(per_proj: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, floa
     return pieces
 
 
-def _checked_rank(
-    lora: LoraConfig,
-    module: str,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    shape: tuple[int, int],
-    max_rank: int,
-) -> tuple[int, float]:
-    rank, scale = lora.rank_and_scale(module)
+def _check_shapes(module: str, rank: int, a: _Entry, b: _Entry, shape: tuple[int, int], max_rank: int) -> None:
     in_features, out_features = shape
-    if a.dim() != 2 or b.dim() != 2:
+    if len(a.shape) != 2 or len(b.shape) != 2:
         raise AdapterError("shape_mismatch", f"{module}: LoRA weights must be matrices")
     if a.shape[0] > max_rank or b.shape[1] > max_rank or rank > max_rank:
         raise AdapterError(
             "rank_too_large", f"{module} has rank {max(a.shape[0], rank)}, above the limit of {max_rank}"
         )
-    if tuple(a.shape) != (rank, in_features) or tuple(b.shape) != (out_features, rank):
+    if a.shape != (rank, in_features) or b.shape != (out_features, rank):
         raise AdapterError(
             "shape_mismatch",
-            f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit rank {rank} on a "
+            f"{module}: lora_A {a.shape} and lora_B {b.shape} do not fit rank {rank} on a "
             f"{in_features}->{out_features} projection of the base model",
         )
-    if not (a.is_floating_point() and b.is_floating_point()):
-        raise AdapterError("corrupt", f"{module}: LoRA weights must be floating point")
-    return rank, scale
+    if a.dtype not in _FLOAT_DTYPES or b.dtype not in _FLOAT_DTYPES:
+        raise AdapterError("corrupt", f"{module}: LoRA weights must be floating point, not {a.dtype}/{b.dtype}")
 
 
 def _stack(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex.shard.lora.patterns import PATTERN_SECONDS, PatternError, check_patterns, match_names
 from loraplex.shard.projections import PROJECTIONS
 
 # Modules that exist in the architecture but that a LoRA adapter may not target here.
@@ -45,42 +45,57 @@ class LoraConfig:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
 
-    def rank_and_scale(self, module: str) -> tuple[int, float]:
-        """Rank and scaling of one module (``model.layers.3.self_attn.q_proj``), honouring the patterns."""
-        r = int(self.rank_pattern[key]) if (key := _pattern_key(self.rank_pattern, module)) else self.r
-        alpha = float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module)) else self.lora_alpha
-        scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
-        return r, scale
+    def resolve(self, num_layers: int, timeout: float = PATTERN_SECONDS) -> dict[tuple[int, str], tuple[int, float]]:
+        """The modules PEFT adapts, ``(layer, projection) -> (rank, scaling)``, with its rules for
+        ``target_modules``, ``layers_to_transform`` and the patterns; regular expressions are matched in at
+        most ``timeout`` seconds (``shard/lora/patterns.py``), else the adapter is refused."""
+        modules = [(layer, proj) for layer in range(num_layers) for proj in PROJECTIONS]
+        names = [f"model.layers.{layer}.{PROJECTIONS[proj].module}.{proj}" for layer, proj in modules]
+        others = [name for other in _OTHER_MODULES for name in (f"model.{other}", other)]
+        target = self.target_modules if isinstance(self.target_modules, str) else None
+        rank_keys, alpha_keys = list(self.rank_pattern), list(self.alpha_pattern)
+        try:
+            found = match_names([*names, *others], target, rank_keys, alpha_keys, timeout)
+        except PatternError as exc:
+            raise AdapterError(exc.kind, str(exc)) from exc
+        if found.target is not None:
+            hit = [name for name, ok in zip(others, found.target[len(names) :], strict=True) if ok]
+            if hit:
+                raise AdapterError(
+                    "unsupported_target",
+                    f"target_modules matches {hit[-1]!r}; only {', '.join(PROJECTIONS)} can be adapted",
+                )
+        out: dict[tuple[int, str], tuple[int, float]] = {}
+        for i, (layer, proj) in enumerate(modules):
+            if not self._targets(names[i], layer, None if found.target is None else found.target[i]):
+                continue
+            r = self.rank_pattern[rank_keys[found.rank[i]]] if found.rank[i] >= 0 else self.r
+            alpha = self.alpha_pattern[alpha_keys[found.alpha[i]]] if found.alpha[i] >= 0 else self.lora_alpha
+            out[(layer, proj)] = (r, alpha / math.sqrt(r) if self.use_rslora else alpha / r)
+        return out
 
-    def transforms_layer(self, layer: int) -> bool:
+    def _targets(self, name: str, layer: int, regex_match: bool | None) -> bool:
+        """PEFT's ``check_target_module_exists``: a string is a full match; a list entry is the name or its
+        dotted suffix, and only a suffix match is then restricted to ``layers_to_transform``."""
+        if regex_match is not None:
+            return regex_match
+        if name in self.target_modules:
+            return True
+        if not any(name.endswith(f".{t}") for t in self.target_modules):
+            return False
         return self.layers_to_transform is None or layer in self.layers_to_transform
-
-
-def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """First pattern that matches the end of the module name on a dot boundary (PEFT's rule)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
 
 
 def _check_targets(targets: Any) -> tuple[str, ...] | str:
     if targets == "all-linear":
         return tuple(PROJECTIONS)
     if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise AdapterError("bad_config", f"target_modules is not a valid regular expression: {exc}") from exc
-        for other in _OTHER_MODULES:
-            if pattern.fullmatch(f"model.{other}") or pattern.fullmatch(other):
-                raise AdapterError(
-                    "unsupported_target",
-                    f"target_modules matches {other!r}; only {', '.join(PROJECTIONS)} can be adapted",
-                )
+        # Compiled and matched later, in bounded time (``LoraConfig.resolve``): here only its size is checked.
+        _checked("target_modules", [targets])
         return targets
     if not isinstance(targets, list | tuple) or not targets:
         raise AdapterError("bad_config", "target_modules must be a non-empty list or a regular expression")
+    _checked("target_modules", list(targets))
     bad = [t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in PROJECTIONS]
     if bad:
         raise AdapterError(
@@ -88,6 +103,13 @@ def _check_targets(targets: Any) -> tuple[str, ...] | str:
             f"target_modules {bad} do not exist in this architecture; supported: {', '.join(PROJECTIONS)}",
         )
     return tuple(targets)
+
+
+def _checked(where: str, patterns: list[Any]) -> None:
+    try:
+        check_patterns(where, patterns)
+    except PatternError as exc:
+        raise AdapterError(exc.kind, str(exc)) from exc
 
 
 def parse_config(raw: dict[str, Any]) -> LoraConfig:
@@ -133,14 +155,28 @@ def parse_config(raw: dict[str, Any]) -> LoraConfig:
     alpha_pattern = raw.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
         raise AdapterError("bad_config", "rank_pattern and alpha_pattern must be objects")
+    _checked("rank_pattern", list(rank_pattern))
+    _checked("alpha_pattern", list(alpha_pattern))
+    targets = _check_targets(raw.get("target_modules"))
+    if isinstance(targets, str) and layers is not None:
+        raise AdapterError(
+            "bad_config", "layers_to_transform cannot be used when target_modules is a regular expression (as in PEFT)"
+        )
+    try:
+        ranks = {str(k): int(v) for k, v in rank_pattern.items()}
+        alphas = {str(k): float(v) for k, v in alpha_pattern.items()}
+    except (TypeError, ValueError) as exc:
+        raise AdapterError("bad_config", f"rank_pattern values must be integers, alpha_pattern numbers: {exc}") from exc
+    if any(v < 1 for v in ranks.values()):
+        raise AdapterError("bad_config", "rank_pattern ranks must be at least 1")
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
         use_rslora=bool(raw.get("use_rslora", False)),
-        target_modules=_check_targets(raw.get("target_modules")),
+        target_modules=targets,
         layers_to_transform=tuple(int(x) for x in layers) if layers is not None else None,
-        rank_pattern={str(k): int(v) for k, v in rank_pattern.items()},
-        alpha_pattern={str(k): float(v) for k, v in alpha_pattern.items()},
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
     )
 
 
