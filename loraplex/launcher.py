@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import socket
+import os
 import sys
 import tempfile
 import urllib.error
@@ -13,10 +13,13 @@ from loraplex.common.flags import FlagParser, fail
 from loraplex.common.shutdown import stop_grace
 from loraplex.router.settings import add_serving_flags
 from loraplex.shard.settings import shard_parser
-from loraplex.supervisor import Supervisor, command, shard_argv, shard_socket
+from loraplex.supervisor import Supervisor, command, rank_environment, rendezvous, shard_argv, shard_socket
 
 # Shard flags that place one rank in its group: the launcher chooses them, so it offers none of them.
-PLACEMENT = ("--listen", "--rank", "--master-addr", "--master-port")
+PLACEMENT = ("--listen", "--rank", "--master-addr", "--master-port", "--init-method")
+# Router flags that reach the router through their environment twin, never its command line: anyone on the
+# host can read a command line (``ps``), only the process's own user its environment.
+SECRET = {"--admin-token": "ADMIN_TOKEN"}
 
 
 def parser() -> FlagParser:
@@ -35,16 +38,16 @@ def shard_flags(p: FlagParser, args: argparse.Namespace) -> list[str]:
 
 
 def router_flags(p: FlagParser, args: argparse.Namespace) -> list[str]:
-    """What the router is told: the launcher's value of each serving flag."""
+    """What the router is told on its command line: the launcher's value of each serving flag but the secrets."""
     serving = FlagParser()
     add_serving_flags(serving)
-    return p.to_argv(args, serving.flags)
+    return p.to_argv(args, [name for name in serving.flags if name not in SECRET])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def router_environment(p: FlagParser, args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the launcher's value of each secret flag in its twin (set even when empty, so that the
+    twin the launcher was started with cannot override a value given on its own command line)."""
+    return {**env, **{twin: str(getattr(args, p.flags[name].dest) or "") for name, twin in SECRET.items()}}
 
 
 def _healthy(url: str) -> bool:
@@ -62,17 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         fail("loraplex-launcher", "--num-shard must be at least 1")
     supervisor = Supervisor("loraplex-launcher")
     supervisor.catch_signals()
+    # This run's own directory (mkdtemp: mode 0700, a random name, removed at exit) holds the shards' sockets and
+    # the ranks' rendezvous file: no other user can reach a shard or join the group, and launchers side by side
+    # never clash.
     with tempfile.TemporaryDirectory(prefix="loraplex-") as run_dir:
         sockets = [shard_socket(run_dir, rank) for rank in range(args.num_shard)]
-        # Where the ranks meet for torch.distributed: a free port, so that launchers side by side never clash.
-        flags = [*shard_flags(p, args), f"--master-port={_free_port()}"]
+        flags = [*shard_flags(p, args), f"--init-method={rendezvous(run_dir)}"]
         program = command("loraplex-shard", "loraplex.shard.main")
         shards = [f"shard rank {rank}" for rank in range(args.num_shard)]
+        rank_env = rank_environment(os.environ)
         for rank, (role, sock) in enumerate(zip(shards, sockets, strict=True)):
-            supervisor.start(role, shard_argv(program, rank, args.num_shard, sock, flags))
+            supervisor.start(role, shard_argv(program, rank, args.num_shard, sock, flags), rank_env)
         router = [*command("loraplex-router", "loraplex.router.main"), f"--shard-uds={','.join(sockets)}"]
         router += [f"--connect-timeout={args.startup_timeout}", *router_flags(p, args)]
-        supervisor.start("router", router)
+        supervisor.start("router", router, router_environment(p, args, dict(os.environ)))
         url = f"http://{'127.0.0.1' if args.hostname in ('0.0.0.0', '') else args.hostname}:{args.port}"
         return supervisor.run(
             stop_order=[["router"], shards],

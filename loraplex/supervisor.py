@@ -33,6 +33,23 @@ def shard_socket(directory: Path | str, rank: int) -> str:
     return f"unix://{Path(directory) / f'shard-{rank}.sock'}"
 
 
+# Every rank of a group runs on this host, so gloo's and NCCL's own sockets (pair connections, NCCL's
+# bootstrap) need only the loopback interface; left alone they bind the address the host name resolves to,
+# which in a container is its network address. A value in the environment still wins.
+LOCAL_GROUP_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+
+
+def rank_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a rank: the group's sockets on loopback unless ``env`` says otherwise."""
+    return {**LOCAL_GROUP_ENV, **env}
+
+
+def rendezvous(directory: Path | str) -> str:
+    """The ranks' torch.distributed init method: a file in ``directory`` (private to this run), which binds no
+    port, unlike ``tcp://`` whose store on rank 0 listens on every interface whatever the address says."""
+    return f"file://{Path(directory) / 'rendezvous'}"
+
+
 def shard_argv(program: Sequence[str], rank: int, world: int, listen: str, flags: Sequence[str] = ()) -> list[str]:
     """One rank's ``loraplex-shard`` command line: its place in the group first, then the shared flags."""
     return [*program, "--rank", str(rank), "--num-shard", str(world), "--listen", listen, *flags]

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,16 +17,19 @@ import httpx
 import pytest
 
 from loraplex.common.shutdown import DRAIN_TIMEOUT
-from loraplex.launcher import PLACEMENT, router_flags, shard_flags
+from loraplex.launcher import PLACEMENT, router_environment, router_flags, shard_flags
 from loraplex.launcher import parser as launcher_parser
 from loraplex.router.settings import router_parser, settings_from_args
 from loraplex.shard.settings import DEFAULT_MAX_LORA_RANK, shard_parser
 from loraplex.supervisor import Supervisor, exit_status
+from tests.listening import is_loopback, listening
 from tests.servers import free_port
+
+ADMIN_TOKEN = "admin-token-that-ps-must-not-show-0123"
 
 
 def _launch(
-    model_dir: Path, adapters: dict[str, Path], log: Path, num_shard: int = 1
+    model_dir: Path, adapters: dict[str, Path], log: Path, num_shard: int = 1, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     spec = ",".join(f"{n}={p}" for n, p in list(adapters.items())[:2])
@@ -50,6 +54,7 @@ def _launch(
         "--num-shard",
         str(num_shard),
         "--json-output",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -89,9 +94,15 @@ def test_serves_then_sigterm_stops_everything_with_exit_0(
     served_model: tuple[Path, dict[str, Path]], tmp_path: Path
 ) -> None:
     model_dir, adapters = served_model
-    proc, url = _launch(model_dir, adapters, tmp_path / "launcher.log")
+    proc, url = _launch(model_dir, adapters, tmp_path / "launcher.log", extra=("--admin-token", ADMIN_TOKEN))
     children = _children(proc.pid)
     assert len(children) == 2  # one shard, one router
+    # The admin token reaches the router (its admin API takes it) but no command line: `ps` shows those to
+    # every user of the host.
+    for pid in children:
+        assert ADMIN_TOKEN not in Path(f"/proc/{pid}/cmdline").read_text(), "the token is on a command line"
+    assert httpx.get(url + "/adapters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 200
+    assert httpx.post(url + "/adapters", json={"adapter_id": "x"}).status_code == 401
     adapter = next(iter(adapters))
     r = httpx.post(
         url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": adapter, "max_new_tokens": 3}}, timeout=60
@@ -112,6 +123,15 @@ def test_a_dead_shard_takes_the_launcher_down_non_zero(
     children = _children(proc.pid)
     shards = [c for c in children if _is_shard(c)]
     assert len(shards) == num_shard
+    # The sockets (and the ranks' rendezvous file) live in this run's own directory, which only its user may
+    # enter; and no rank listens off loopback (torch's tcp:// store on rank 0 would listen on every interface).
+    listen = Path(f"/proc/{shards[0]}/cmdline").read_text().split("\0")
+    sock = Path(listen[listen.index("--listen") + 1].removeprefix("unix://"))
+    run_dir = sock.parent
+    assert run_dir != Path(tempfile.gettempdir()) and (run_dir.stat().st_mode & 0o777) == 0o700
+    for pid in shards:
+        exposed = [(a, port) for a, port in listening(pid) if not is_loopback(a)]
+        assert not exposed, f"rank pid {pid} listens on {exposed}"
     # Real tensor parallelism: the ranks joined one group and each holds its own part of the model
     # (the router also refuses shards that report another rank or world size than their place).
     ready = [
@@ -124,6 +144,7 @@ def test_a_dead_shard_takes_the_launcher_down_non_zero(
     time.sleep(0.5)
     assert not any(_alive(c) for c in children)
     assert "exited" in (tmp_path / "launcher.log").read_text()
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -204,6 +225,24 @@ def test_each_rank_and_the_router_get_the_launchers_values(monkeypatch: pytest.M
     assert {d: getattr(rank, d) for d in forwarded} == {d: getattr(args, d) for d in forwarded}
     router = settings_from_args(["--shard-uds=unix:///x.sock", *router_flags(p, args)])
     assert (router.drain_timeout, router.json_output) == (3.0, True)
+
+
+def test_the_admin_token_goes_to_the_router_by_its_twin_and_wins_over_the_launchers_twin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", "from-the-environment")
+    p = launcher_parser()
+    args = p.parse(["--admin-token", ADMIN_TOKEN])
+    argv = router_flags(p, args)
+    assert not [a for a in argv if ADMIN_TOKEN in a or a.startswith("--admin-token")]
+    env = router_environment(p, args, {"ADMIN_TOKEN": "from-the-environment", "PATH": "/bin"})
+    assert env == {"ADMIN_TOKEN": ADMIN_TOKEN, "PATH": "/bin"}
+    monkeypatch.setenv("ADMIN_TOKEN", env["ADMIN_TOKEN"])
+    assert settings_from_args(["--shard-uds=unix:///x.sock", *argv]).admin_token == ADMIN_TOKEN
+    # Unset on the launcher's command line: the launcher's own twin, passed on as such.
+    monkeypatch.setenv("ADMIN_TOKEN", "from-the-environment")
+    p = launcher_parser()
+    assert router_environment(p, p.parse([]), {})["ADMIN_TOKEN"] == "from-the-environment"
 
 
 def test_exit_status_of_a_process_that_ended_unasked() -> None:
