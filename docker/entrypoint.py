@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -13,12 +15,13 @@ from pathlib import Path
 
 from loraplex.common.flags import FlagParser
 from loraplex.common.shutdown import add_drain_timeout_flag, stop_grace
-from loraplex.supervisor import Supervisor, command, shard_argv, shard_socket
+from loraplex.supervisor import Supervisor, command, rank_environment, rendezvous, shard_argv, shard_socket
 
 PROG = "loraplex-entrypoint"
 HEALTH_PATH = "/health"
 DEFAULT_SOCKET_DIR = "/run/loraplex"
-# Rank 0's process-group rendezvous never leaves the container: every rank of a replica runs here.
+# Every rank of a replica runs in this container: the ranks meet through a file in a private directory
+# (``run_shards``); without one, on loopback.
 MASTER_ADDR = "127.0.0.1"
 # Variables this script reads that are no loraplex flag's twin (the others are the flags' own twins).
 OWN_ENV = {"SHARD_SOCKET_DIR": "directory of the shards' unix sockets, shared with the router"}
@@ -49,14 +52,19 @@ def shard_addresses(env: Mapping[str, str]) -> list[str]:
     return [shard_socket(socket_dir(env), rank) for rank in range(num_shard(env))]
 
 
-def rank_commands(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[list[str]]:
+def rank_commands(
+    env: Mapping[str, str], extra: Sequence[str] = (), run_dir: Path | str | None = None
+) -> list[list[str]]:
     """One ``loraplex-shard`` command per rank. Only the rank's place is on its command line: every other
-    setting (DEVICE included, which the shard turns into this rank's GPU) reaches it through its env twin."""
+    setting (DEVICE included, which the shard turns into this rank's GPU) reaches it through its env twin.
+    With ``run_dir`` the ranks meet through a file there, which opens no port (``--init-method``)."""
     world = num_shard(env)
     program = command("loraplex-shard", "loraplex.shard.main")
+    place = ["--master-addr", MASTER_ADDR]
+    if run_dir is not None:
+        place.append(f"--init-method={rendezvous(run_dir)}")
     return [
-        shard_argv(program, rank, world, address, ["--master-addr", MASTER_ADDR, *extra])
-        for rank, address in enumerate(shard_addresses(env))
+        shard_argv(program, rank, world, address, [*place, *extra]) for rank, address in enumerate(shard_addresses(env))
     ]
 
 
@@ -72,9 +80,19 @@ def run_shards(env: Mapping[str, str], extra: Sequence[str]) -> int:
     """Start every rank, and stop them all when one dies: a process group cannot take back a restarted rank,
     so the container (restarted by compose or the kubelet) must restart as a unit."""
     try:
-        commands = rank_commands(env, extra)
+        num_shard(env)
     except ValueError as exc:
         return _fail(str(exc))
+    # The rendezvous file's directory: private (mkdtemp, 0700) and new for each start of the group, since a
+    # file left by a group that died would confuse the next one. Under TMPDIR: a tmpfs or emptyDir.
+    run_dir = tempfile.mkdtemp(prefix="loraplex-ranks-")
+    try:
+        return _supervise_ranks(env, extra, rank_commands(env, extra, run_dir))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _supervise_ranks(env: Mapping[str, str], extra: Sequence[str], commands: list[list[str]]) -> int:
     grace = stop_grace(drain_timeout(env, extra))
     sockets = socket_dir(env)
     sockets.mkdir(parents=True, exist_ok=True)
@@ -93,8 +111,9 @@ def run_shards(env: Mapping[str, str], extra: Sequence[str]) -> int:
     supervisor = Supervisor(PROG)
     supervisor.catch_signals()
     ranks = [f"shard rank {rank}" for rank in range(len(commands))]
+    rank_env = rank_environment(env)
     for role, cmd in zip(ranks, commands, strict=True):
-        supervisor.start(role, cmd, env)
+        supervisor.start(role, cmd, rank_env)
     return supervisor.run(stop_order=[ranks], grace=grace)
 
 

@@ -18,6 +18,7 @@ from loraplex.shard.parallel import rank_device
 from loraplex.shard.settings import shard_parser
 from tests.deploy.support import DOCKER, entrypoint, use_environ
 from tests.factories import tiny_served_model
+from tests.listening import is_loopback, listening
 from tests.servers import free_port
 
 SCRIPT = DOCKER / "entrypoint.py"
@@ -136,6 +137,13 @@ def test_two_ranks_and_a_router_serve_then_fall_as_a_unit(group_env: dict[str, s
         assert len(ranks) == 2
         rank_args = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in ranks]
         assert sorted(a[a.index(b"--rank") + 1] for a in rank_args) == [b"0", b"1"]
+        # The ranks met through a file in a private directory: nothing of theirs listens off loopback (a
+        # tcp:// rendezvous has rank 0's store listen on every interface of the container).
+        (init,) = {a for args in rank_args for a in args if a.startswith(b"--init-method=file://")}
+        rendezvous_dir = Path(init.removeprefix(b"--init-method=file://").decode()).parent
+        assert (rendezvous_dir.stat().st_mode & 0o777) == 0o700
+        for pid in ranks:
+            assert not [(a, port) for a, port in listening(pid) if not is_loopback(a)], f"rank pid {pid}"
 
         router = subprocess.Popen([sys.executable, str(SCRIPT), "router"], env=env, stdout=log, stderr=log)
         wait_until(lambda: run_script("health", "router", env=env).returncode == 0, 60, "the router")
@@ -150,6 +158,7 @@ def test_two_ranks_and_a_router_serve_then_fall_as_a_unit(group_env: dict[str, s
         assert shards.wait(timeout=30) != 0
         assert not alive(ranks[0])
         assert "shard rank 1 exited" in (tmp_path / "shards.log").read_text()
+        assert not rendezvous_dir.exists()  # a new group gets a new file
         wait_until(lambda: run_script("health", "router", env=env).returncode == 1, 30, "the router to turn 503")
         assert httpx.get(url + "/health", timeout=10).status_code == 503
     finally:
