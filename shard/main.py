@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             roots=AdapterRoots.parse(args.adapter_dirs),
             max_active=args.max_active_adapters,
             max_host=max(args.max_cpu_adapters, len(specs) - args.max_active_adapters),
+            max_host_bytes=args.max_cpu_adapter_bytes,
+            max_device_bytes=args.max_device_adapter_bytes,
+            load_timeout=args.adapter_load_timeout,
             on_evict=runner.forget_plan,
             pace=model_thread.between_steps,
         )

@@ -222,12 +222,14 @@ class AdapterPlan:
     weight_bytes: int
 
 
-def check_deadline(deadline: float | None, adapter_dir: Path | None = None) -> None:
+def load_timeout_error() -> AdapterError:
+    return AdapterError("load_timeout", "loading took longer than the shard's --adapter-load-timeout; nothing was kept")
+
+
+def check_deadline(deadline: float | None) -> None:
     """Refuse the rest of a load once its deadline (``time.monotonic()``) has passed."""
     if deadline is not None and time.monotonic() > deadline:
-        raise AdapterError(
-            "load_timeout", "loading took longer than the shard's --adapter-load-timeout; nothing was kept"
-        )
+        raise load_timeout_error()
 
 
 def inspect_adapter(

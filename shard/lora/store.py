@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from loraplex.shard.config import ModelConfig
-from loraplex.shard.lora.adapter import LoraAdapter, Pace, load_adapter
+from loraplex.shard.lora.adapter import LoraAdapter, Pace, inspect_adapter, load_timeout_error, read_adapter
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.parallel import TensorParallel
@@ -43,9 +43,16 @@ class AdapterStore:
     the batch owner, under its lock) puts a batch's adapters on the device, demoting the least recently
     used device adapter that no cached batch uses when the device tier is full.
 
-    Limits: at most ``max_active`` adapters on the device and ``max_active + max_host`` loaded at all.
-    A load past that limit is refused (``capacity``), never made room for silently: what to evict from
-    the host is the router's policy, since only it knows which adapters queued requests are waiting for.
+    Limits: at most ``max_active`` adapters on the device and ``max_active + max_host`` loaded at all, and
+    in bytes (0: no byte limit) ``max_host_bytes`` of weights loaded at all (every loaded adapter keeps its
+    host copy; on a CPU shard that copy is also the device one) and ``max_device_bytes`` on the device.
+    A load past a limit is refused (``capacity``), never made room for silently: what to evict from the
+    host is the router's policy, since only it knows which adapters queued requests are waiting for. The
+    refusal comes only after the id resolved and the adapter passed every check that needs no tensor data,
+    so a missing or broken adapter never makes anything leave. An adapter larger than a whole byte budget
+    is refused for good (``too_large``). Every load has a deadline (``load_timeout`` seconds, pattern
+    matching and the waits for a turn on the model thread included): past it the load fails alone
+    (``load_timeout``) and keeps nothing.
     """
 
     def __init__(
@@ -59,6 +66,9 @@ class AdapterStore:
         roots: AdapterRoots | None = None,
         max_active: int = 64,
         max_host: int = 256,
+        max_host_bytes: int = 0,
+        max_device_bytes: int = 0,
+        load_timeout: float = 60.0,
         on_evict: Callable[[], None] | None = None,
         pace: Pace | None = None,
     ) -> None:
@@ -70,11 +80,15 @@ class AdapterStore:
         self.roots = roots or AdapterRoots([])
         self.max_active = max_active
         self.max_host = max_host
+        self.max_host_bytes = max_host_bytes
+        self.max_device_bytes = max_device_bytes
+        self.load_timeout = load_timeout
         self.on_evict = on_evict
         # Runs each piece of a load; the shard passes its model thread's, so loads fit between steps.
         self.pace = pace
         self._records: dict[str, AdapterRecord] = {}
         self._loading: dict[str, threading.Lock] = {}
+        self._reserved: dict[str, int] = {}  # bytes of the loads past their room check, not yet stored
         self._lock = threading.Lock()
 
     @property
@@ -87,43 +101,48 @@ class AdapterStore:
         Loading again what is loaded is a no-op, unless ``directory`` names a (new) source: then the
         adapter is replaced. A failed load leaves everything already in the store untouched.
         """
+        deadline = time.monotonic() + self.load_timeout
         with self._lock:
             rec = self._records.get(adapter_id)
             if rec is not None and rec.host is not None and directory is None:
                 return rec.host
             per_id = self._loading.setdefault(adapter_id, threading.Lock())
         try:
-            with per_id:  # one reader per adapter; a second request for it waits and shares the result
-                return self._load_locked(adapter_id, directory)
+            # One reader per adapter; a second request for it waits and shares the result (within its deadline).
+            if not per_id.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise load_timeout_error()
+            try:
+                return self._load_locked(adapter_id, directory, deadline)
+            finally:
+                per_id.release()
         finally:
             with self._lock:
                 if adapter_id not in self:  # failed loads (hostile ids included) leave nothing behind
                     self._loading.pop(adapter_id, None)
 
-    def _load_locked(self, adapter_id: str, directory: Path | None) -> LoraAdapter:
+    def _load_locked(self, adapter_id: str, directory: Path | None, deadline: float) -> LoraAdapter:
         with self._lock:
             rec = self._records.get(adapter_id)
             if rec is not None and rec.host is not None and directory is None:
                 return rec.host
+            # Existence first (a stat under the roots): an id that is not there is refused before any limit.
             source = directory or (rec.source if rec is not None else None) or self.roots.find(adapter_id)
             replacing = rec is not None and rec.host is not None
-            if not replacing and self._loaded_count() >= self.capacity:
-                raise AdapterError(
-                    "capacity",
-                    f"{self.capacity} adapters are loaded (--max-active-adapters + --max-cpu-adapters); "
-                    "unload one first",
-                )
         started = time.perf_counter()
-        adapter = load_adapter(
-            adapter_id,
-            source,
-            self.config,
-            max_rank=self.max_rank,
-            dtype=self.dtype,
-            device="cpu",
-            tp=self.tp,
-            pace=self.pace,
+        # Then everything checkable without reading tensors, which also tells the bytes the adapter will take.
+        plan = inspect_adapter(
+            adapter_id, source, self.config, max_rank=self.max_rank, dtype=self.dtype, tp=self.tp, deadline=deadline
         )
+        with self._lock:
+            self._check_room(adapter_id, plan.memory_bytes, replacing)
+            self._reserved[adapter_id] = plan.memory_bytes
+        try:
+            adapter = read_adapter(
+                plan, self.config, dtype=self.dtype, device="cpu", tp=self.tp, pace=self.pace, deadline=deadline
+            )
+        finally:
+            with self._lock:
+                self._reserved.pop(adapter_id, None)
         elapsed = time.perf_counter() - started
         with self._lock:
             rec = self._records.setdefault(adapter_id, AdapterRecord(adapter_id))
@@ -135,6 +154,31 @@ class AdapterStore:
         if replacing and self.on_evict is not None:
             self.on_evict()
         return adapter
+
+    def _check_room(self, adapter_id: str, nbytes: int, replacing: bool) -> None:
+        """Refuse a load that does not fit the limits now (``capacity``) or ever (``too_large``)."""
+        for budget, flag in (
+            (self.max_host_bytes, "--max-cpu-adapter-bytes"),
+            (self.max_device_bytes, "--max-device-adapter-bytes"),
+        ):
+            if budget and nbytes > budget:
+                raise AdapterError(
+                    "too_large", f"its weights take {nbytes} bytes, more than the shard's {flag} ({budget})"
+                )
+        others = [r for r in self._records.values() if r.host is not None and r.adapter_id != adapter_id]
+        pending = {k: v for k, v in self._reserved.items() if k != adapter_id}
+        if not replacing and len(others) + len(pending) >= self.capacity:
+            raise AdapterError(
+                "capacity",
+                f"{self.capacity} adapters are loaded (--max-active-adapters + --max-cpu-adapters); unload one first",
+            )
+        used = sum(r.bytes for r in others) + sum(pending.values())
+        if self.max_host_bytes and used + nbytes > self.max_host_bytes:
+            raise AdapterError(
+                "capacity",
+                f"loaded adapters take {used} of --max-cpu-adapter-bytes ({self.max_host_bytes}) and this one "
+                f"needs {nbytes}; unload one first",
+            )
 
     def acquire(self, adapter_ids: Iterable[str], pinned: set[str]) -> dict[str, LoraAdapter]:
         """Device copies of the given (loaded) adapters; call under the lock of whoever owns ``pinned``.
@@ -152,7 +196,7 @@ class AdapterStore:
             for adapter_id in wanted:
                 rec = self._records[adapter_id]
                 if rec.device is None:
-                    self._make_device_room(pinned | set(wanted))
+                    self._make_device_room(pinned | set(wanted), rec.bytes)
                     assert rec.host is not None
                     rec.device = rec.host.to(self.device)
                 rec.last_used = now
@@ -165,19 +209,30 @@ class AdapterStore:
                 if adapter_id in self._records:
                     self._records[adapter_id].requests += 1
 
-    def _make_device_room(self, keep: set[str]) -> None:
+    def _make_device_room(self, keep: set[str], nbytes: int) -> None:
+        """Demote least recently used device adapters outside ``keep`` until one more of ``nbytes`` fits."""
         active = [r for r in self._records.values() if r.device is not None]
-        if len(active) < self.max_active:
-            return
         candidates = sorted((r for r in active if r.adapter_id not in keep), key=lambda r: r.last_used)
-        if not candidates:
-            raise AdapterError(
-                "capacity",
-                f"a batch would need more than --max-active-adapters ({self.max_active}) adapters on the device",
-            )
-        candidates[0].device = None
-        if self.on_evict is not None:
-            self.on_evict()
+        while len(active) >= self.max_active or (
+            self.max_device_bytes and sum(r.bytes for r in active) + nbytes > self.max_device_bytes
+        ):
+            if not candidates:
+                raise AdapterError(
+                    "capacity",
+                    f"a batch would need more than --max-active-adapters ({self.max_active}) adapters or "
+                    f"--max-device-adapter-bytes ({self.max_device_bytes}) bytes of adapters on the device",
+                )
+            victim = candidates.pop(0)
+            victim.device = None
+            active.remove(victim)
+            if self.on_evict is not None:
+                self.on_evict()
+
+    def used_bytes(self) -> tuple[int, int]:
+        """Bytes of adapter weights loaded at all, and on the device."""
+        with self._lock:
+            loaded = [r for r in self._records.values() if r.host is not None]
+            return sum(r.bytes for r in loaded), sum(r.bytes for r in loaded if r.device is not None)
 
     def unload(self, adapter_id: str, pinned: set[str] | None = None) -> None:
         """Drop the adapter's host and device tensors; refused while a cached batch uses it.
@@ -227,6 +282,3 @@ class AdapterStore:
             for adapter_id in self.roots.discover():
                 known.setdefault(adapter_id, AdapterRecord(adapter_id))
         return [known[i] for i in sorted(known)]
-
-    def _loaded_count(self) -> int:
-        return sum(1 for r in self._records.values() if r.host is not None)
