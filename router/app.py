@@ -63,6 +63,8 @@ def create_app(service: RouterService) -> FastAPI:
     app.include_router(tgi_routes(service))
     app.include_router(openai_routes(service))
     app.include_router(admin_routes(service))
-    app.add_middleware(Authenticate, settings=service.settings, tenants=service.tenants)
+    # Starlette runs the layer added last first. The key check must come before the body buffer: otherwise
+    # anyone without a key makes the router hold up to --max-body-bytes per connection before being refused.
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
+    app.add_middleware(Authenticate, settings=service.settings, tenants=service.tenants)
     return app

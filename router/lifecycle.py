@@ -25,6 +25,10 @@ class DrainingServer(uvicorn.Server):
     """
 
     def __init__(self, config: uvicorn.Config, service: RouterService, timeout: float) -> None:
+        if config.limit_concurrency is None and service.settings.max_connections > 0:
+            # --max-connections: uvicorn answers 503 past it, before the app (and its body buffer) runs, so
+            # a flood of connections costs a bounded amount of memory.
+            config.limit_concurrency = service.settings.max_connections
         super().__init__(config)
         self.service = service
         self.timeout = timeout

@@ -32,6 +32,7 @@ class RouterSettings:
     drain_timeout: float = DRAIN_TIMEOUT
     connect_timeout: float = 120.0
     max_body_bytes: int = 1 << 20
+    max_connections: int = 1024
     api_keys_file: Path | None = None
     admin_token: str = ""
     json_output: bool = False
@@ -59,6 +60,12 @@ def add_serving_flags(p: FlagParser) -> None:
     )
     add_drain_timeout_flag(p, "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before exiting")
     p.flag("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger HTTP bodies get 413")
+    p.flag(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="open HTTP connections at once; beyond it a request gets 503 (0: no limit)",
+    )
     p.flag("--api-keys-file", type=Path, default=None)
     p.flag("--admin-token", default="")
     p.flag("--json-output", action="store_true")
