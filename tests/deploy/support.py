@@ -129,3 +129,16 @@ def use_environ(monkeypatch: pytest.MonkeyPatch, env: Mapping[str, str]) -> None
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+
+
+def published(service: dict[str, Any]) -> set[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port. docker-compose 1.29 prints a port
+    with a host address as ``IP:PUBLISHED:TARGET/tcp`` and one without in the long syntax (address: all)."""
+    out = set()
+    for port in service.get("ports", []):
+        if isinstance(port, str):
+            host_ip, host_port, target = port.split("/")[0].rsplit(":", 2)
+            out.add((host_ip, int(host_port), int(target)))
+        else:
+            out.add((port.get("host_ip", "0.0.0.0"), int(port["published"]), int(port["target"])))
+    return out

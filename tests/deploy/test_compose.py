@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.support import COMPOSE_FILE, ROOT, compose_config, run_compose_config
+from tests.deploy.support import COMPOSE_FILE, ROOT, compose_config, published, run_compose_config
 
 
 def test_defaults_bring_up_router_and_shards_on_the_gpus() -> None:
@@ -41,10 +41,29 @@ def test_defaults_bring_up_router_and_shards_on_the_gpus() -> None:
     assert "sockets:/run/loraplex:rw" in shards["volumes"] and "sockets:/run/loraplex:rw" in router["volumes"]
     assert shards["environment"]["SHARD_SOCKET_DIR"] == router["environment"]["SHARD_SOCKET_DIR"] == "/run/loraplex"
 
-    ports = {(p["published"], p["target"]) for p in router["ports"]}
-    assert ports == {(8080, 8080), (50051, 50051)}
+    # Loopback only by default: without a keys file the server is open to whoever reaches it (SPEC §7).
+    assert published(router) == {("127.0.0.1", 8080, 8080), ("127.0.0.1", 50051, 50051)}
     assert "ports" not in shards  # the shards take no requests from clients
     assert shards["restart"] == router["restart"] == "unless-stopped"
+
+
+def test_containers_run_read_only_without_capabilities_and_write_only_to_volumes_and_tmp() -> None:
+    config = compose_config()
+    for name, service in config["services"].items():
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        # CuPy's kernel cache and the ranks' rendezvous file (under TMPDIR, unset: /tmp).
+        assert service["tmpfs"] == ["/tmp"], name
+    shards = config["services"]["shards"]
+    assert shards["environment"]["HF_HOME"].startswith("/data/")
+    assert shards["environment"]["LORAPLEX_CACHE"].startswith("/data/")
+    assert "model-cache:/data:rw" in shards["volumes"]
+
+
+def test_loraplex_bind_opens_the_ports_to_the_network() -> None:
+    router = compose_config({"LORAPLEX_BIND": "0.0.0.0", "GRPC_PORT": "50052"})["services"]["router"]
+    assert published(router) == {("0.0.0.0", 8080, 8080), ("0.0.0.0", 50052, 50051)}
 
 
 def test_every_setting_comes_from_the_environment() -> None:
@@ -67,7 +86,7 @@ def test_every_setting_comes_from_the_environment() -> None:
     assert shards["environment"]["LORA_ADAPTERS"] == "sql=/adapters/sql"
     assert router["environment"]["MAX_INPUT_TOKENS"] == "3000"
     assert router["environment"]["API_KEYS_FILE"] == "/etc/loraplex/api-keys.yaml"
-    assert {(p["published"], p["target"]) for p in router["ports"]} == {(9000, 8080), (50051, 50051)}
+    assert published(router) == {("127.0.0.1", 9000, 8080), ("127.0.0.1", 50051, 50051)}
     assert "/srv/models:/data:rw" in shards["volumes"]
     assert shards["image"] == "registry.example.com/ml/shard:0.2.0"
     assert router["image"] == "registry.example.com/ml/router:0.2.0"

@@ -26,6 +26,7 @@ from tests.deploy.support import (
     load_values,
     objects,
     pod_containers,
+    published,
     use_environ,
 )
 
@@ -156,7 +157,7 @@ def test_compose_services_pass_only_known_settings(num_shard: int, monkeypatch: 
     assert set(shard_env) - SHARD_ENV - OWN_ENV - set(RUNTIME_ENV) == set()
 
     settings = router_settings(router_env, monkeypatch)
-    assert {p["target"] for p in router["ports"]} == {settings.port, settings.grpc_port} == {8080, 50051}
+    assert {target for _, _, target in published(router)} == {settings.port, settings.grpc_port} == {8080, 50051}
     assert settings.hostname == "0.0.0.0"
     assert settings.api_keys_file is None and settings.admin_token == ""  # empty: unset, not Path("")
 
