@@ -4,10 +4,14 @@ Policy (the shards only execute it):
 - An adapter a request names is loaded into the shards' host memory before the request is queued; the
   request's HTTP/gRPC call waits for that load, every other request keeps being served meanwhile, and
   concurrent requests for the same adapter share one load.
-- At most ``capacity`` adapters (``--max-active-adapters`` + ``--max-cpu-adapters``) are loaded. To load
-  one more, the least recently used adapter that no queued or running request needs is unloaded. When
-  every loaded adapter is needed, the load waits until one is not: running requests always finish, so
-  the wait is bounded by the longest generation in flight; loads never evict what is in use (no thrash).
+- The shards enforce the limits (``--max-active-adapters`` + ``--max-cpu-adapters`` adapters, and the byte
+  budgets ``--max-cpu-adapter-bytes`` / ``--max-device-adapter-bytes``) and refuse a load past them with
+  RESOURCE_EXHAUSTED, only after the id resolved under their roots and the adapter passed every check that
+  reads no tensor. Then, and only then, the least recently used adapter that no queued or running request
+  needs is unloaded and the load asked again: an id that does not exist (a tenant may name any id its globs
+  allow) or a broken adapter never evicts anyone. When every loaded adapter is needed, the load waits
+  until one is not: running requests always finish, so the wait is bounded by the longest generation in
+  flight; loads never evict what is in use (no thrash).
 - Which loaded adapters sit on the device is decided at admission (see ``Scheduler``).
 """
 
@@ -23,6 +27,7 @@ import grpc
 from loraplex.router.errors import ApiError, adapter_not_found
 from loraplex.router.metrics import Metrics
 from loraplex.router.shards import ShardClients
+from loraplex.router.views import AdapterView
 
 log = logging.getLogger("loraplex.router")
 
@@ -77,11 +82,10 @@ class AdapterRegistry:
     async def _load(self, adapter_id: str) -> None:
         try:
             async with self._parallel:
-                await self._make_room()
                 self._loading.add(adapter_id)
                 started = time.perf_counter()
                 try:
-                    info = await self.shards.load_adapter(adapter_id)
+                    info = await self._load_making_room(adapter_id)
                 finally:
                     self._loading.discard(adapter_id)
                 self.loaded[adapter_id] = time.monotonic()
@@ -92,26 +96,44 @@ class AdapterRegistry:
             raise _load_error(adapter_id, exc) from None
         finally:
             self._loads.pop(adapter_id, None)
+            self._room.set()  # a load waiting for room looks again: what this one loaded may be idle already
 
-    async def _make_room(self) -> None:
-        while len(self.loaded) + len(self._loading) + len(self._unloading) >= self.capacity:
-            idle = [a for a in self.loaded if self.refs[a] <= 0]
-            if idle:
-                victim = min(idle, key=self.loaded.__getitem__)
-                del self.loaded[victim]
-                self._unloading.add(victim)
-                self.metrics.adapter_evictions.inc()
-                try:
-                    await self.shards.unload_adapter(victim)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.NOT_FOUND:
-                        self.loaded[victim] = time.monotonic()
-                        raise
-                finally:
-                    self._unloading.discard(victim)
-                continue
-            self._room.clear()
-            await self._room.wait()
+    async def _load_making_room(self, adapter_id: str) -> AdapterView:
+        """Ask the shards to load; only when they answer that it exists, is valid and does not fit
+        (RESOURCE_EXHAUSTED: count or byte limits, which only they measure) is an idle adapter unloaded,
+        and the load asked again. So an id that does not exist, or a broken adapter, never evicts anyone."""
+        while True:
+            try:
+                return await self.shards.load_adapter(adapter_id)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                refusal = exc
+            if not await self._evict_one():
+                held = any(a in self.loaded for a in self.refs)
+                if not held and len(self._loading) <= 1:  # nothing loaded will ever become idle: waiting cannot help
+                    raise refusal
+                self._room.clear()
+                await self._room.wait()
+
+    async def _evict_one(self) -> bool:
+        """Unload the least recently used adapter no request needs; False when every loaded one is needed."""
+        idle = [a for a in self.loaded if self.refs[a] <= 0 and a not in self._loading]
+        if not idle:
+            return False
+        victim = min(idle, key=self.loaded.__getitem__)
+        del self.loaded[victim]
+        self._unloading.add(victim)
+        self.metrics.adapter_evictions.inc()
+        try:
+            await self.shards.unload_adapter(victim)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                self.loaded[victim] = time.monotonic()
+                raise
+        finally:
+            self._unloading.discard(victim)
+        return True
 
     async def unload(self, adapter_id: str) -> None:
         """Free ``adapter_id`` on every shard (the admin API); refused while a request needs it."""

@@ -26,6 +26,14 @@ ADAPTERS: dict[str, dict[str, Any]] = {
         alpha_pattern={"k_proj": 3},
     ),
     "r16_regex": dict(r=16, lora_alpha=4, target_modules=r".*\.(k_proj|up_proj)"),
+    # Patterns that are regular expressions: matched in the bounded child process (shard/lora/patterns.py).
+    "r8_regex_patterns": dict(
+        r=8,
+        lora_alpha=8,
+        target_modules=ALL,
+        rank_pattern={r"layers\.1\.(self_attn|mlp)\.(q|up)_proj": 4},
+        alpha_pattern={r"(k|v)_proj": 3},
+    ),
     "r3_odd": dict(r=3, lora_alpha=7, target_modules=["v_proj", "down_proj"]),
 }
 NEW_TOKENS = 12
