@@ -86,7 +86,8 @@ class ShardEngine:
             adapters = [resident[r.adapter_id] if r.adapter_id else None for r in requests]
             entries = [
                 _CachedRequest(
-                    SequenceState(r.request_id, list(r.input_ids), a), TokenChooser(r.sampling, r.top_n_tokens)
+                    SequenceState(r.request_id, list(r.input_ids), a),
+                    TokenChooser(r.sampling, r.top_n_tokens, self.runner.model.config.eos_token_ids),
                 )
                 for r, a in zip(requests, adapters, strict=True)
             ]
@@ -98,7 +99,7 @@ class ShardEngine:
                 if want_prefill:
                     logits, details = _prefill_details(requests, logits)
                 for r, e in zip(requests, entries, strict=True):
-                    skip_draws(e.chooser, r.generated_tokens, logits.shape[-1])
+                    resume_sampler(e.chooser, r.generated_tokens, logits.shape[-1])
                 gens = self._choose(entries, logits)
             except BaseException:
                 for s in seqs:
@@ -173,14 +174,18 @@ class ShardEngine:
         return [Generation(e.seq.request_id, c) for e, c in zip(entries, choices, strict=True)]
 
 
-def skip_draws(chooser: TokenChooser, draws: int, vocab_size: int) -> None:
-    """Advance a seeded sampler past ``draws`` tokens, as if it had drawn them: a preempted request's
-    recomputation then draws what it would have drawn uninterrupted. ``torch.multinomial`` takes the same
-    generator state whatever the probabilities are (``tests/shard/test_preemption_sampling.py``)."""
-    if chooser.generator is None or draws <= 0:
+def resume_sampler(chooser: TokenChooser, generated: int, vocab_size: int) -> None:
+    """Put a fresh sampler where it would be after choosing ``generated`` tokens (its min_tokens count, its
+    seeded generator's draws): a preempted request's recomputation then chooses what it would have chosen
+    uninterrupted. ``torch.multinomial`` takes the same generator state whatever the probabilities are
+    (``tests/shard/test_preemption_sampling.py``)."""
+    if generated <= 0:
+        return
+    chooser.generated += generated
+    if chooser.generator is None:
         return
     uniform = torch.ones(vocab_size)
-    for _ in range(draws):
+    for _ in range(generated):
         torch.multinomial(uniform, 1, generator=chooser.generator)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.shard.engine import NewRequest, ShardEngine, skip_draws
+from loraplex.shard.engine import NewRequest, ShardEngine, resume_sampler
 from loraplex.shard.kv_cache import KVCacheFull
 from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.model_thread import ModelThread
@@ -34,11 +34,13 @@ def test_skipped_draws_leave_a_sampler_where_drawing_would_have() -> None:
     first = TokenChooser(SEEDED)
     drawn = [first.choose(first.process(r, [])) for r in rows]
     again = TokenChooser(SEEDED)
-    skip_draws(again, 3, 64)  # the probabilities of the skipped draws do not matter
+    resume_sampler(again, 3, 64)  # the probabilities of the skipped draws do not matter
     assert [again.choose(again.process(r, [])) for r in rows[3:]] == drawn[3:]
-    greedy = TokenChooser(SamplingParams())
-    skip_draws(greedy, 3, 64)  # nothing to skip without a generator
-    assert greedy.generator is None
+    greedy = TokenChooser(SamplingParams(min_tokens=5), eos_ids=[2])
+    resume_sampler(greedy, 3, 64)  # no generator to advance, but min_tokens counts the 3 tokens
+    assert greedy.generator is None and greedy.generated == 3 and greedy.holds_eos
+    resume_sampler(greedy, 2, 64)
+    assert not greedy.holds_eos
 
 
 def _run(engine: ShardEngine, request: NewRequest, steps: int) -> list[int]:
@@ -49,7 +51,10 @@ def _run(engine: ShardEngine, request: NewRequest, steps: int) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(), SEEDED], ids=["greedy", "seeded"])
+MIN_TOKENS = SamplingParams(min_tokens=8)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SEEDED, MIN_TOKENS], ids=["greedy", "seeded", "min_tokens"])
 def test_a_recomputed_request_continues_exactly(engine: ShardEngine, sampling: SamplingParams) -> None:
     prompt = [5, 9, 2]
     whole = _run(engine, NewRequest(1, prompt, sampling=sampling), 10)
