@@ -169,3 +169,14 @@ def test_a_template_that_refuses_is_422_with_its_message(
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error", error
+
+
+@pytest.mark.parametrize("min_tokens", [1, 5, 12])
+def test_the_sampler_masks_eos_until_min_tokens(eos_server: Server, min_tokens: int) -> None:
+    """EOS is the model's favourite at every step: with it masked, the second best ("the") fills min_tokens."""
+    params = {"max_new_tokens": 20, "min_tokens": min_tokens, "details": True}
+    r = httpx.post(eos_server.url + "/generate", json={"inputs": "hello", "parameters": params}, timeout=60)
+    details = r.json()["details"]
+    assert [t["text"] for t in details["tokens"][:min_tokens]] == ["the"] * min_tokens, details
+    assert details["generated_tokens"] == min_tokens + 1 and details["finish_reason"] == "eos_token"
+    assert r.json()["generated_text"] == "the" * min_tokens
