@@ -15,6 +15,7 @@ from tests.deploy.support import (
     CHART,
     CI_VALUES,
     KUBE_VERSIONS,
+    ROOT,
     container_env,
     load_values,
     objects,
@@ -285,3 +286,43 @@ def test_notes_say_how_to_reach_and_scale() -> None:
     assert "kubectl port-forward svc/llm-loraplex 8080:8080 50051:50051" in notes
     assert "2 nvidia.com/gpu per pod" in notes
     assert "replicaCount" in notes
+
+
+def _image_env(dockerfile: str) -> dict[str, str]:
+    """The final stage's ``ENV`` of a Dockerfile in docker/ (``KEY=value`` pairs, continued lines joined)."""
+    text = (ROOT / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    final = text.rsplit("\nFROM ", 1)[1]
+    pairs = [line.split(None, 1)[1] for line in final.splitlines() if line.startswith("ENV ")]
+    return dict(item.split("=", 1) for pairs_line in pairs for item in pairs_line.split())
+
+
+def _writable(path: str, container: dict[str, Any]) -> bool:
+    mounts = [m for m in container["volumeMounts"] if not m.get("readOnly")]
+    return any(path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts)
+
+
+@pytest.mark.parametrize("path", CI_VALUES, ids=lambda p: p.stem)
+def test_read_only_roots_and_every_written_path_on_a_volume(path: Path) -> None:
+    """No container may write its image (readOnlyRootFilesystem), escalate or keep a capability; so every path
+    the processes write (caches the images name, the sockets, the ranks' rendezvous file under /tmp) must be
+    a writable mount."""
+    objs = objects(load_values(path))
+    containers = pod_containers(objs)
+    volumes = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    for name, container in containers.items():
+        ctx = container["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False, name
+        assert ctx["runAsNonRoot"] is True and ctx["capabilities"] == {"drop": ["ALL"]}, name
+        assert _writable("/tmp", container), name
+        sockets = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "sockets")
+        assert _writable(sockets, container), name  # the ranks create them, the router connects (a write)
+        tmp = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+        assert "emptyDir" in volumes[tmp], name
+    shards = containers["shards"]
+    written = _image_env("shard.Dockerfile")
+    for var in ("CUPY_CACHE_DIR", "HF_HOME", "LORAPLEX_CACHE"):
+        assert _writable(container_env(shards, objs).get(var, written[var]), shards), var
+    assert _writable("/dev/shm", shards)
+    # Each container has its own /tmp: the router cannot reach the ranks' rendezvous directory.
+    tmp_of = {n: next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp") for n, c in containers.items()}
+    assert tmp_of["router"] != tmp_of["shards"]
