@@ -10,6 +10,20 @@ import torch
 from loraplex.common.sampling import SamplingParams
 
 
+def finite_scores(scores: torch.Tensor) -> torch.Tensor:
+    """One row of scores that a softmax can take: NaN becomes -inf and, where some scores are +inf (a penalty or
+    temperature overflowed float32, or the model's logits did), those alone remain, tied at 0.
+
+    A NaN reaching ``torch.multinomial`` raises, and the shard would fail the whole batch for one request.
+    """
+    if bool(torch.isfinite(scores).all()):
+        return scores
+    top = scores == float("inf")
+    if bool(top.any()):
+        return torch.zeros_like(scores).masked_fill(~top, -float("inf"))
+    return scores.masked_fill(scores.isnan(), -float("inf"))
+
+
 class TokenChooser:
     """One request's sampler; its own seeded generator makes a seed's output independent of the batch.
 
@@ -55,8 +69,15 @@ class TokenChooser:
             if p.frequency_penalty != 0.0:
                 counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
                 logits -= p.frequency_penalty * counts
+        logits = finite_scores(logits)
         if p.sampling and p.temperature != 1.0:
-            logits /= p.temperature
+            scaled = logits / p.temperature
+            best = logits.max()
+            if not bool(torch.isfinite(scaled).all()) and bool(torch.isfinite(best)):
+                # A tiny temperature overflowed the best scores to +inf (and the softmax to NaN). With the best
+                # score at 0 first, the others only go down, to -inf at worst: the argmax the limit stands for.
+                scaled = (logits - best) / p.temperature
+            logits = scaled
         return logits
 
     def choose(self, logits: torch.Tensor) -> int:
@@ -72,6 +93,7 @@ class TokenChooser:
             sorted_scores, order = torch.sort(scores, descending=True)
             cum = sorted_scores.softmax(-1).cumsum(-1)
             drop = cum - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+            drop[0] = False  # the best token stays, whatever top_p (one too small for float32 is 0)
             scores[order[drop]] = -float("inf")
         if p.typical_p < 1.0:
             logp = scores.log_softmax(-1)
@@ -80,8 +102,13 @@ class TokenChooser:
             order = torch.sort(shifted).indices
             cum = logp[order].exp().cumsum(-1)
             drop = cum - logp[order].exp() >= p.typical_p
+            drop[0] = False  # the most typical token stays
             scores[order[drop]] = -float("inf")
         probs = scores.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # no finite score was left: nothing to draw from
+            # The draw is still taken: a resumed sampler (engine.resume_sampler) counts one per token.
+            torch.multinomial(torch.ones_like(probs), 1, generator=self.generator)
+            return int(logits.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

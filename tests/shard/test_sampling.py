@@ -83,3 +83,62 @@ def test_min_tokens_masks_every_eos_id_and_only_its_own_row() -> None:
 def test_min_tokens_never_masks_the_whole_vocabulary() -> None:
     only_eos = TokenChooser(SamplingParams(min_tokens=5), eos_ids=range(6))
     assert _steps(only_eos, 1) == [0]  # an EOS rather than a draw from nothing
+
+
+INF = float("inf")
+
+
+def _one(params: SamplingParams, logits: torch.Tensor, seen: list[int] | None = None) -> tuple[int, float]:
+    chooser = TokenChooser(params)
+    (choice,) = choose_tokens(logits.unsqueeze(0), [chooser], [seen or []])
+    return choice.token_id, choice.logprob
+
+
+def test_a_tiny_temperature_is_the_argmax_not_a_nan_draw() -> None:
+    logits = torch.tensor([30.0, 50.0, 49.0, -10.0])
+    for temperature in (1e-38, 1e-30, 1e-45):  # 50 / 1e-38 overflows float32
+        for seed in range(5):
+            token, logprob = _one(SamplingParams(temperature=temperature, seed=seed), logits)
+            assert token == 1 and logprob == 0.0, (temperature, seed, token, logprob)
+
+
+def test_a_tiny_repetition_penalty_prefers_the_seen_positive_tokens_without_nan() -> None:
+    logits = torch.tensor([5.0, 10.0, 20.0, -3.0, 1e-3])
+    for seed in range(10):
+        params = SamplingParams(do_sample=True, repetition_penalty=1e-38, seed=seed)
+        token, logprob = _one(params, logits, seen=[0, 1, 3])
+        assert token in (0, 1) and math.isfinite(logprob), (seed, token)  # 5 / 1e-38 and 10 / 1e-38 are +inf
+    token, _ = _one(SamplingParams(repetition_penalty=1e-38), logits, seen=[0, 1, 3])  # greedy too
+    assert token in (0, 1)
+
+
+def test_non_finite_logits_never_reach_the_draw() -> None:
+    nan = float("nan")
+    sampled = SamplingParams(do_sample=True, top_k=3, top_p=0.9, typical_p=0.9, temperature=0.7, seed=1)
+    cases = [
+        (torch.tensor([1.0, nan, 2.0, nan]), {0, 2}),  # NaN scores are never chosen
+        (torch.tensor([1.0, INF, 2.0, INF]), {1, 3}),  # +inf ones always are
+        (torch.tensor([-INF, 3.0, -INF, -INF]), {1}),
+    ]
+    for logits, allowed in cases:
+        for params in (sampled, SamplingParams(do_sample=True, seed=2), SamplingParams(do_sample=True, seed=3)):
+            drawn = {_one(params, logits)[0] for _ in range(20)}
+            assert drawn <= allowed, (logits, params, drawn)
+    for hopeless in (torch.full((4,), nan), torch.full((4,), -INF)):  # nothing to draw from: no exception
+        token, _ = _one(sampled, hopeless)
+        assert 0 <= token < 4
+
+
+def test_the_fallback_takes_a_draw_as_a_resumed_sampler_counts_one() -> None:
+    params = SamplingParams(do_sample=True, seed=7)
+    hopeless, plain = TokenChooser(params), TokenChooser(params)
+    hopeless.choose(torch.full((4,), -INF))
+    plain.choose(torch.zeros(4))
+    assert hopeless.generator is not None and plain.generator is not None
+    assert torch.equal(hopeless.generator.get_state(), plain.generator.get_state())
+
+
+def test_top_p_and_typical_p_too_small_for_float32_keep_the_best_token() -> None:
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    for params in (SamplingParams(top_p=1e-46, seed=1), SamplingParams(typical_p=1e-46, seed=1)):
+        assert {_one(params, logits)[0] for _ in range(10)} == {1}, params
