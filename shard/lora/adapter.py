@@ -38,10 +38,28 @@ class ProjectionWeights:
     # On CUDA, A transposed and contiguous ([num_layers, rank, in_features]) for the kernels; ``a`` is then
     # a view of it, so the weights are held once.
     a_t: torch.Tensor | None = None
+    # Non-zero in a compact host copy (a CUDA shard's, whose plans only see device copies): ``a`` and ``b``
+    # then hold only the trained layers (``sorted(ranks)``) of ``compact_of``, and ``to`` lays them out in full.
+    compact_of: int = 0
 
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
+
+    def full_bytes(self) -> int:
+        """Bytes of the full layout (every layer), as on the device."""
+        layers = self.compact_of or self.a.shape[0]
+        return layers * (self.a[0].nbytes + self.b[0].nbytes) if self.a.shape[0] else 0
+
+    def expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` and ``b`` over every layer (zeros where untrained); themselves when already so."""
+        if not self.compact_of:
+            return self.a, self.b
+        index = torch.tensor(sorted(self.ranks))
+        a = self.a.new_zeros((self.compact_of, *self.a.shape[1:]))
+        b = self.b.new_zeros((self.compact_of, *self.b.shape[1:]))
+        a[index], b[index] = self.a, self.b
+        return a, b
 
 
 @dataclass
@@ -65,21 +83,29 @@ class LoraAdapter:
 
     @property
     def memory_bytes(self) -> int:
+        """Bytes its tensors hold (a compact host copy: only the trained layers)."""
         return sum(p.a.nbytes + p.b.nbytes for p in self.projections.values())
 
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of its device copy: every layer of every projection."""
+        return sum(p.full_bytes() for p in self.projections.values())
+
     def to(self, device: torch.device | str) -> LoraAdapter:
-        """The same adapter with its weights on ``device`` (itself when they already are there)."""
+        """The same adapter with its weights on ``device`` in full layout (itself when already so there)."""
         first = next(iter(self.projections.values())).a
-        if first.device == torch.device(device):
+        compact = any(p.compact_of for p in self.projections.values())
+        if first.device == torch.device(device) and not compact:
             return self
         moved = {}
         for name, p in self.projections.items():
-            b = p.b.to(device, non_blocking=True)
+            full_a, full_b = p.expanded()
+            b = full_b.to(device, non_blocking=True)
             if torch.device(device).type == "cuda":
-                a_t = p.a.transpose(1, 2).contiguous().to(device, non_blocking=True)
+                a_t = full_a.transpose(1, 2).contiguous().to(device, non_blocking=True)
                 moved[name] = ProjectionWeights(a_t.transpose(1, 2), b, p.ranks, a_t)
             else:
-                moved[name] = ProjectionWeights(p.a.to(device, non_blocking=True), b, p.ranks)
+                moved[name] = ProjectionWeights(full_a.to(device, non_blocking=True), b, p.ranks)
         return LoraAdapter(self.adapter_id, moved, self.weight_bytes, self.source)
 
 
@@ -218,8 +244,9 @@ class AdapterPlan:
     directory: Path
     path: Path
     modules: dict[str, dict[int, _Module]]  # projection -> layer -> module
-    memory_bytes: int
+    memory_bytes: int  # every layer, as on the device (and in a CPU shard's host copy, which is its device copy)
     weight_bytes: int
+    compact_bytes: int  # the trained layers only, as in a compact host copy (``read_adapter(compact=True)``)
 
 
 def load_timeout_error() -> AdapterError:
@@ -274,13 +301,14 @@ def inspect_adapter(
         )
     local = tp.local_config(config)
     item = torch.empty(0, dtype=dtype).element_size()
-    memory = 0
-    for proj, layers in modules.items():  # as ``_stack`` lays them out: every layer, at the largest rank
+    memory = compact = 0
+    for proj, layers in modules.items():  # as ``_stack`` lays them out: at the largest rank
         in_features, out_features = PROJECTIONS[proj].shape(local)
-        rank = max(m.rank for m in layers.values())
-        memory += config.num_layers * rank * (in_features + out_features) * item
+        per_layer = max(m.rank for m in layers.values()) * (in_features + out_features) * item
+        memory += config.num_layers * per_layer
+        compact += len(layers) * per_layer
     weight = sum(m.nbytes for layers in modules.values() for m in layers.values())
-    return AdapterPlan(adapter_id, directory, path, modules, memory, weight)
+    return AdapterPlan(adapter_id, directory, path, modules, memory, weight, compact)
 
 
 def read_adapter(
@@ -292,9 +320,11 @@ def read_adapter(
     tp: TensorParallel | None = None,
     pace: Pace | None = None,
     deadline: float | None = None,
+    compact: bool = False,
 ) -> LoraAdapter:
     """Read the tensors ``plan`` accepted (no other) and lay them out, in pieces run by ``pace``; each piece
-    first checks ``deadline``."""
+    first checks ``deadline``. ``compact``: store only the trained layers (a host copy that plans never
+    use directly; ``LoraAdapter.to`` lays it out in full)."""
     tp = tp or TensorParallel()
     step = pace or _inline
 
@@ -318,7 +348,7 @@ def read_adapter(
                 raise _corrupt(f"layer {layer} {proj}: data does not match the header")
 
     def stack_piece(group: list[str]) -> dict[str, ProjectionWeights]:
-        return {p: _stack(per_proj[p], config, PROJECTIONS[p], dtype, device, tp) for p in group}
+        return {p: _stack(per_proj[p], config, PROJECTIONS[p], dtype, device, tp, compact) for p in group}
 
     projections: dict[str, ProjectionWeights] = {}
     for group in _pieces(plan.modules):
@@ -399,12 +429,16 @@ def _stack(
     dtype: torch.dtype,
     device: torch.device | str,
     tp: TensorParallel,
+    compact: bool = False,
 ) -> ProjectionWeights:
     in_features, out_features = proj.shape(tp.local_config(config))
     rows, cols = tp.weight_part(proj, config)
     rank = max(a.shape[0] for a, _, _ in layers.values())
-    a_all = torch.zeros(config.num_layers, in_features, rank, dtype=dtype, device=device)
-    b_all = torch.zeros(config.num_layers, rank, out_features, dtype=dtype, device=device)
+    compact = compact and len(layers) < config.num_layers
+    slots = {layer: i for i, layer in enumerate(sorted(layers))} if compact else {i: i for i in layers}
+    count = len(layers) if compact else config.num_layers
+    a_all = torch.zeros(count, in_features, rank, dtype=dtype, device=device)
+    b_all = torch.zeros(count, rank, out_features, dtype=dtype, device=device)
     for layer, (a, b, scale) in layers.items():
         # B ([out, rank]) holds the output rows, A ([rank, in]) the input columns: each keeps the base's part.
         if rows is not None:
@@ -412,7 +446,8 @@ def _stack(
         if cols is not None:
             a = a[:, cols]
         r = a.shape[0]
-        a_all[layer, :, :r] = a.t().to(dtype)
+        a_all[slots[layer], :, :r] = a.t().to(dtype)
         # Scaling is folded into B in float32 so that bfloat16 storage rounds once, not twice.
-        b_all[layer, :r, :] = (b.t().float() * scale).to(dtype)
-    return ProjectionWeights(a_all, b_all, {layer: a.shape[0] for layer, (a, _, _) in layers.items()})
+        b_all[slots[layer], :r, :] = (b.t().float() * scale).to(dtype)
+    ranks = {layer: a.shape[0] for layer, (a, _, _) in layers.items()}
+    return ProjectionWeights(a_all, b_all, ranks, compact_of=config.num_layers if compact else 0)

@@ -31,7 +31,8 @@ class AdapterRecord:
     last_used: float = 0.0
     rank: int = 0
     targets: list[str] = field(default_factory=list)
-    bytes: int = 0
+    bytes: int = 0  # of its device copy (every layer)
+    host_bytes: int = 0  # of its host copy: the same, or only the trained layers on a CUDA shard
 
     @property
     def tier(self) -> str:
@@ -133,12 +134,23 @@ class AdapterStore:
         plan = inspect_adapter(
             adapter_id, source, self.config, max_rank=self.max_rank, dtype=self.dtype, tp=self.tp, deadline=deadline
         )
+        # A CUDA shard's host copy is never used by a plan, so it holds only the trained layers (a one-layer
+        # file costs one layer there); on a CPU shard it is also the device copy, laid out in full.
+        compact = torch.device(self.device).type != "cpu"
+        host_bytes = plan.compact_bytes if compact else plan.memory_bytes
         with self._lock:
-            self._check_room(adapter_id, plan.memory_bytes, replacing)
-            self._reserved[adapter_id] = plan.memory_bytes
+            self._check_room(adapter_id, host_bytes, plan.memory_bytes, replacing)
+            self._reserved[adapter_id] = host_bytes
         try:
             adapter = read_adapter(
-                plan, self.config, dtype=self.dtype, device="cpu", tp=self.tp, pace=self.pace, deadline=deadline
+                plan,
+                self.config,
+                dtype=self.dtype,
+                device="cpu",
+                tp=self.tp,
+                pace=self.pace,
+                deadline=deadline,
+                compact=compact,
             )
         finally:
             with self._lock:
@@ -150,20 +162,21 @@ class AdapterStore:
                 rec.source = directory
             rec.host, rec.device = adapter, None
             rec.load_seconds, rec.last_used = elapsed, time.monotonic()
-            rec.rank, rec.targets, rec.bytes = adapter.rank, adapter.targets, adapter.memory_bytes
+            rec.rank, rec.targets = adapter.rank, adapter.targets
+            rec.bytes, rec.host_bytes = adapter.device_bytes, adapter.memory_bytes
         if replacing and self.on_evict is not None:
             self.on_evict()
         return adapter
 
-    def _check_room(self, adapter_id: str, nbytes: int, replacing: bool) -> None:
+    def _check_room(self, adapter_id: str, nbytes: int, device_bytes: int, replacing: bool) -> None:
         """Refuse a load that does not fit the limits now (``capacity``) or ever (``too_large``)."""
-        for budget, flag in (
-            (self.max_host_bytes, "--max-cpu-adapter-bytes"),
-            (self.max_device_bytes, "--max-device-adapter-bytes"),
+        for budget, flag, need in (
+            (self.max_host_bytes, "--max-cpu-adapter-bytes", nbytes),
+            (self.max_device_bytes, "--max-device-adapter-bytes", device_bytes),
         ):
-            if budget and nbytes > budget:
+            if budget and need > budget:
                 raise AdapterError(
-                    "too_large", f"its weights take {nbytes} bytes, more than the shard's {flag} ({budget})"
+                    "too_large", f"its weights take {need} bytes, more than the shard's {flag} ({budget})"
                 )
         others = [r for r in self._records.values() if r.host is not None and r.adapter_id != adapter_id]
         pending = {k: v for k, v in self._reserved.items() if k != adapter_id}
@@ -172,7 +185,7 @@ class AdapterStore:
                 "capacity",
                 f"{self.capacity} adapters are loaded (--max-active-adapters + --max-cpu-adapters); unload one first",
             )
-        used = sum(r.bytes for r in others) + sum(pending.values())
+        used = sum(r.host_bytes for r in others) + sum(pending.values())
         if self.max_host_bytes and used + nbytes > self.max_host_bytes:
             raise AdapterError(
                 "capacity",
@@ -232,7 +245,7 @@ class AdapterStore:
         """Bytes of adapter weights loaded at all, and on the device."""
         with self._lock:
             loaded = [r for r in self._records.values() if r.host is not None]
-            return sum(r.bytes for r in loaded), sum(r.bytes for r in loaded if r.device is not None)
+            return sum(r.host_bytes for r in loaded), sum(r.bytes for r in loaded if r.device is not None)
 
     def unload(self, adapter_id: str, pinned: set[str] | None = None) -> None:
         """Drop the adapter's host and device tensors; refused while a cached batch uses it.

@@ -210,6 +210,27 @@ def test_a_one_layer_file_is_accounted_at_what_it_allocates(model: tuple[Path, M
     assert store.record("one").bytes == loaded.memory_bytes and store.used_bytes() == (loaded.memory_bytes, 0)
 
 
+def test_a_cuda_shard_keeps_only_the_trained_layers_in_host_memory(
+    model: tuple[Path, ModelConfig], tmp_path: Path
+) -> None:
+    """On CUDA the host copy is never used by a plan: it holds the trained layers only, and the device copy
+    (``to``) is laid out in full, equal to what a CPU shard holds. No GPU needed: only ``to`` touches it."""
+    base, config = model
+    d = write_raw_adapter(tmp_path / "root" / "one", base, rank=4, targets=("q_proj", "v_proj"))
+    _edit(d, layers_to_transform=[1])
+    full = _store(config, tmp_path / "root").load("one")
+    cuda = _store(config, tmp_path / "root", device="cuda", max_host_bytes=full.memory_bytes // 2)
+    compact = cuda.load("one")  # fits a host budget of half the full layout: it takes 1 of 2 layers
+    assert compact.memory_bytes * config.num_layers == full.memory_bytes == compact.device_bytes
+    rec = cuda.record("one")
+    assert (rec.host_bytes, rec.bytes) == (compact.memory_bytes, full.memory_bytes)
+    assert cuda.used_bytes() == (compact.memory_bytes, 0)
+    laid_out = compact.to("cpu")
+    for name, weights in full.projections.items():
+        assert torch.equal(laid_out.projections[name].a, weights.a)
+        assert torch.equal(laid_out.projections[name].b, weights.b)
+
+
 def _adapters(base: Path, root: Path, n: int) -> int:
     for i in range(n):
         write_raw_adapter(root / f"a{i}", base, rank=4, seed=i)
