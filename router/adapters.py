@@ -37,13 +37,12 @@ class AdapterRegistry:
 
     def __init__(self, shards: ShardClients, capacity: int, metrics: Metrics, parallel_loads: int = 2) -> None:
         self.shards = shards
-        self.capacity = max(1, capacity)
+        self.capacity = max(1, capacity)  # for information: the shards enforce their limits (counts and bytes)
         self.metrics = metrics
         self.loaded: dict[str, float] = {}  # id -> last use
         self.refs: Counter[str] = Counter()
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._loading: set[str] = set()
-        self._unloading: set[str] = set()  # still held by the shards until their unload returns
         self._room = asyncio.Event()
         self._parallel = asyncio.Semaphore(parallel_loads)
 
@@ -123,7 +122,6 @@ class AdapterRegistry:
             return False
         victim = min(idle, key=self.loaded.__getitem__)
         del self.loaded[victim]
-        self._unloading.add(victim)
         self.metrics.adapter_evictions.inc()
         try:
             await self.shards.unload_adapter(victim)
@@ -131,8 +129,6 @@ class AdapterRegistry:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 self.loaded[victim] = time.monotonic()
                 raise
-        finally:
-            self._unloading.discard(victim)
         return True
 
     async def unload(self, adapter_id: str) -> None:
