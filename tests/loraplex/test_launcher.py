@@ -21,7 +21,7 @@ from loraplex.launcher import PLACEMENT, router_environment, router_flags, shard
 from loraplex.launcher import parser as launcher_parser
 from loraplex.router.settings import router_parser, settings_from_args
 from loraplex.shard.settings import DEFAULT_MAX_LORA_RANK, shard_parser
-from loraplex.supervisor import Supervisor, exit_status
+from loraplex.supervisor import Supervisor, exit_status, rank_environment, rendezvous
 from tests.listening import is_loopback, listening
 from tests.servers import free_port
 
@@ -285,3 +285,12 @@ def test_the_launcher_passes_on_a_truncated_adapter_as_the_shards_one_line_exit_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("loraplex-shard: error: adapter 'cut':") and "corrupt or truncated" in lines[0]
+
+
+def test_ranks_keep_gloo_and_nccl_on_loopback_unless_told_otherwise() -> None:
+    """Every rank the launcher or the entry point starts is on this host: their collectives' own sockets need no
+    other interface (in a container the host name resolves to its network address)."""
+    loopback = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    assert rank_environment({"PATH": "/bin"}) == {"PATH": "/bin", **loopback}
+    assert rank_environment({"NCCL_SOCKET_IFNAME": "ib0"})["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert rendezvous("/run/x") == "file:///run/x/rendezvous"
