@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from loraplex.common.messages import to_message
 from loraplex.proto.v1 import generate_pb2 as pb
@@ -62,10 +61,14 @@ def _details(end: EndEvent) -> pb.Details:
 
 
 def _parameters(service: RouterService, params: pb.Parameters) -> GenerateParameters:
-    raw: dict[str, Any] = MessageToDict(params, preserving_proto_field_name=True)
-    for name in ("seed", "max_new_tokens", "top_k", "truncate", "top_n_tokens", "min_tokens"):
-        if name in raw:
-            raw[name] = int(raw[name])
+    """The set fields as the HTTP JSON would carry them, checked by the same rules.
+
+    Not MessageToDict: it turns a NaN or infinite float into a string, which would be refused as "not a
+    number" rather than as what it is.
+    """
+    raw: dict[str, Any] = {}
+    for field, value in params.ListFields():
+        raw[field.name] = value if isinstance(value, str | bool | int | float) else list(value)  # `stop` is repeated
     try:
         return validate_parameters(raw, service.settings)
     except ValidationError as exc:
@@ -133,10 +136,12 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             self.service.cancel(pending)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        await self._tenant(context)
         offsets = self.service.tokenize(request.inputs)
         return pb.TokenizeResponse(tokens=[pb.Token(id=o.id, text=o.text) for o in offsets])
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        await self._tenant(context)
         return _info(self.service.info())
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
@@ -148,7 +153,9 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        tenant = await self._tenant(context)
+        # As HTTP GET /adapters: the admin token lists every adapter, a tenant's key its own.
+        admin = is_admin(_authorization(context), self.service.settings.admin_token)
+        tenant = None if admin else await self._tenant(context)
         return pb.ListAdaptersResponse(adapters=[_adapter(a) for a in await self.service.list_adapters(tenant)])
 
     async def LoadAdapter(

@@ -8,7 +8,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -87,6 +87,28 @@ def tenant_of(request: Request) -> Tenant | None:
     return getattr(request.state, "tenant", None)
 
 
+def is_json_media_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/*+json``, parameters (``charset``) allowed."""
+    if not content_type:
+        return False
+    main, _, sub = content_type.partition(";")[0].strip().lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+UNSUPPORTED_MEDIA_TYPE = "the request body must be JSON sent as `Content-Type: application/json`"
+
+
+async def require_json(request: Request) -> None:
+    """415 for a body that is not declared JSON, as TGI's own router answers.
+
+    A web page can make a browser POST text/plain or a form to a server on localhost without asking it first
+    (a "simple" cross-origin request); parsing such bodies as JSON would let any page drive an open server.
+    Every TGI and OpenAI client sends application/json.
+    """
+    if not is_json_media_type(request.headers.get("content-type")):
+        raise ApiError(415, "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE)
+
+
 def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
@@ -132,6 +154,7 @@ async def tgi_stream(service: RouterService, request: InFlightRequest, inputs: s
 
 def tgi_routes(service: RouterService) -> APIRouter:
     api = APIRouter()
+    json_only = [Depends(require_json)]  # FastAPI runs it before the body is validated
 
     async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
         params = parse_parameters(service, body.parameters)
@@ -147,17 +170,17 @@ def tgi_routes(service: RouterService) -> APIRouter:
         pending = await service.prepare(body.inputs, params, tenant)  # errors before the first token keep their status
         return StreamingResponse(tgi_stream(service, pending, body.inputs), media_type="text/event-stream")
 
-    @api.post("/", summary="TGI compatible generate (streams when stream is true)")
+    @api.post("/", summary="TGI compatible generate (streams when stream is true)", dependencies=json_only)
     async def compat(body: GenerateBody, request: Request) -> Any:
         if body.stream:
             return await stream(body, tenant_of(request))
         return [await generate(body, request)]
 
-    @api.post("/generate", summary="Generate text")
+    @api.post("/generate", summary="Generate text", dependencies=json_only)
     async def generate_route(body: GenerateBody, request: Request) -> dict[str, Any]:
         return await generate(body, request)
 
-    @api.post("/generate_stream", summary="Generate text as server-sent events")
+    @api.post("/generate_stream", summary="Generate text as server-sent events", dependencies=json_only)
     async def generate_stream(body: GenerateBody, request: Request) -> StreamingResponse:
         return await stream(body, tenant_of(request))
 
@@ -176,7 +199,7 @@ def tgi_routes(service: RouterService) -> APIRouter:
     async def metrics() -> Response:
         return Response(await service.render_metrics(), media_type="text/plain; version=0.0.4")
 
-    @api.post("/tokenize", summary="Tokenize inputs")
+    @api.post("/tokenize", summary="Tokenize inputs", dependencies=json_only)
     async def tokenize(body: TokenizeBody) -> list[dict[str, Any]]:
         return [{"id": o.id, "text": o.text, "start": o.start, "stop": o.stop} for o in service.tokenize(body.inputs)]
 

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from loraplex.router.errors import ApiError
 from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent
-from loraplex.router.http_api import client_gone, request_json, tenant_of
+from loraplex.router.http_api import UNSUPPORTED_MEDIA_TYPE, client_gone, is_json_media_type, request_json, tenant_of
 from loraplex.router.inflight import InFlightRequest
 from loraplex.router.schemas import CHAT_BODY, COMPLETION_BODY
 from loraplex.router.service import RouterService
@@ -191,6 +191,8 @@ def openai_routes(service: RouterService) -> APIRouter:
 
 
 async def _body(request: Request) -> dict[str, Any]:
+    if not is_json_media_type(request.headers.get("content-type")):  # see http_api.require_json
+        raise OpenAIError(415, "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE)
     try:
         body = await request_json(request)
     except ApiError as exc:

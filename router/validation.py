@@ -33,6 +33,21 @@ class GenerateParameters(SamplingParams):
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# What the shard protocol's fields hold (proto/loraplex/shard/v1/shard.proto): a value past them would fail
+# while the scheduler builds a batch, and with it every request in that batch, so each is refused here.
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
+I32_MAX = 2**31 - 1  # TGI's top_k is an i32
+FLOAT32_MAX = 3.4028234663852886e38
+# Below this temperature every draw is the argmax but for exact ties, while logits / temperature overflow
+# float32 from about 1e-37 on; so smaller (positive) temperatures are raised to it rather than refused,
+# TGI's clients sending tiny temperatures to mean "greedy".
+MIN_TEMPERATURE = 1e-4
+# Penalties past these scale scores by more than 10^4, which overflows float32 for large logits and means
+# nothing more than "never" or "always" anyway.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
+
+
 def _number(params: dict[str, Any], name: str, kind: type) -> Any:
     value = params.get(name)
     if value is None:
@@ -40,12 +55,18 @@ def _number(params: dict[str, Any], name: str, kind: type) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(f"`{name}` must be a number")
     if kind is int:
-        if isinstance(value, float) and not value.is_integer():
+        if isinstance(value, float) and not value.is_integer():  # NaN and infinities included
             raise ValidationError(f"`{name}` must be an integer")
         return int(value)
-    if not math.isfinite(value):
-        raise ValidationError(f"`{name}` must be a finite number")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:  # the wire's floats are 32-bit
+        raise ValidationError(f"`{name}` must be a finite number within a 32-bit float's range")
     return float(value)
+
+
+def _at_most(name: str, value: int, limit: int) -> int:
+    if value > limit:
+        raise ValidationError(f"`{name}` must be <= {limit}. Given: {value}")
+    return value
 
 
 def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> GenerateParameters:
@@ -56,10 +77,15 @@ def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> Gen
     if (v := _number(params, "temperature", float)) is not None:
         if v <= 0:
             raise ValidationError("`temperature` must be strictly positive")
-        out["temperature"] = v
+        out["temperature"] = max(v, MIN_TEMPERATURE)
     if (v := _number(params, "repetition_penalty", float)) is not None:
         if v <= 0:
             raise ValidationError("`repetition_penalty` must be strictly positive")
+        if not MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY:
+            raise ValidationError(
+                f"`repetition_penalty` must be >= {MIN_REPETITION_PENALTY} and <= {MAX_REPETITION_PENALTY:g}. "
+                f"Given: {v}"
+            )
         out["repetition_penalty"] = v
     if (v := _number(params, "frequency_penalty", float)) is not None:
         if not -2.0 <= v <= 2.0:
@@ -73,11 +99,11 @@ def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> Gen
     if (v := _number(params, "top_k", int)) is not None:
         if v <= 0:
             raise ValidationError("`top_k` must be strictly positive")
-        out["top_k"] = v
+        out["top_k"] = _at_most("top_k", v, I32_MAX)
     if (v := _number(params, "max_new_tokens", int)) is not None:
         if v <= 0:
             raise ValidationError("`max_new_tokens` must be strictly positive")
-        out["max_new_tokens"] = v
+        out["max_new_tokens"] = _at_most("max_new_tokens", v, U32_MAX)
     if (v := _number(params, "truncate", int)) is not None:
         if not 0 < v <= settings.max_input_tokens:
             raise ValidationError(
@@ -89,12 +115,13 @@ def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> Gen
             raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {v}")
         out["top_n_tokens"] = v
     if (v := _number(params, "seed", int)) is not None:
-        if not 0 <= v < 2**64:
+        if not 0 <= v <= U64_MAX:
             raise ValidationError("`seed` must be >= 0 and < 2^64")
         out["seed"] = v
     if (v := _number(params, "min_tokens", int)) is not None:
         if v < 0:
             raise ValidationError("`min_tokens` must be >= 0")
+        _at_most("min_tokens", v, U32_MAX)
         if v > out.get("max_new_tokens", v):
             raise ValidationError(f"`min_tokens` must be <= `max_new_tokens`. Given: {v} and {out['max_new_tokens']}")
         out["min_tokens"] = v
