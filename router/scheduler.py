@@ -106,7 +106,10 @@ class Scheduler:
                 raise
             except Exception as exc:  # a shard failed: everyone in flight gets an error, nobody hangs
                 log.exception("batch step failed")
-                reason = f"a shard failed ({exc.code().name})" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    reason = f"a shard failed ({exc.code().name})"
+                else:  # its kind only: an exception's text may hold local paths (the log above has it all)
+                    reason = f"internal error ({type(exc).__name__})"
                 await self._fail_all(f"generation failed: {reason}")
 
     async def _step(self) -> None:
