@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from loraplex.router.settings import RouterSettings
+from loraplex.router.validation import MIN_TEMPERATURE, ValidationError, validate_parameters
 from tests.servers import Server
 
 BAD_PARAMETERS: list[tuple[dict[str, Any], str]] = [
@@ -206,3 +208,41 @@ def test_text_content_parts_are_joined_like_a_string(server: Server, stream: boo
 
     parts = [{"type": "text", "text": "what is "}, {"type": "text", "text": "the capital?"}]
     assert answer(parts) == answer("what is the capital?")
+
+
+@pytest.mark.parametrize(
+    ("params", "ok"),
+    [
+        ({"top_k": 2**31 - 1}, True),  # TGI's i32
+        ({"top_k": 2**31}, False),
+        ({"max_new_tokens": 2**32 - 1}, True),  # refused later by the length check, not by its field
+        ({"max_new_tokens": 2**32}, False),
+        ({"min_tokens": 2**32}, False),
+        ({"seed": 2**64 - 1}, True),
+        ({"seed": 2**64}, False),
+        ({"temperature": 3.4e38}, True),
+        ({"temperature": 3.5e38}, False),  # infinite as a 32-bit float
+        ({"repetition_penalty": 1e-4}, True),
+        ({"repetition_penalty": 9e-5}, False),
+        ({"repetition_penalty": 1e4}, True),
+        ({"repetition_penalty": 1.1e4}, False),
+        ({"top_p": float("nan")}, False),
+        ({"top_k": float("inf")}, False),
+        ({"seed": float("nan")}, False),
+    ],
+)
+def test_numbers_are_bounded_to_their_wire_fields(params: dict[str, Any], ok: bool) -> None:
+    settings = RouterSettings()
+    if ok:
+        validate_parameters(params, settings)
+    else:
+        with pytest.raises(ValidationError, match=next(iter(params))):
+            validate_parameters(params, settings)
+
+
+def test_tiny_temperatures_are_raised_to_the_minimum() -> None:
+    for tiny in (1e-38, 5e-324, 1e-5):
+        assert validate_parameters({"temperature": tiny}, RouterSettings()).temperature == MIN_TEMPERATURE
+    assert validate_parameters({"temperature": 0.3}, RouterSettings()).temperature == 0.3
+    with pytest.raises(ValidationError, match="strictly positive"):
+        validate_parameters({"temperature": 0.0}, RouterSettings())
