@@ -201,7 +201,8 @@ def tgi_routes(service: RouterService) -> APIRouter:
 
     @api.post("/tokenize", summary="Tokenize inputs", dependencies=json_only)
     async def tokenize(body: TokenizeBody) -> list[dict[str, Any]]:
-        return [{"id": o.id, "text": o.text, "start": o.start, "stop": o.stop} for o in service.tokenize(body.inputs)]
+        offsets = await service.tokenize(body.inputs)  # in a tokenizer thread: streams go on meanwhile
+        return [{"id": o.id, "text": o.text, "start": o.start, "stop": o.stop} for o in offsets]
 
     return api
 

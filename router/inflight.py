@@ -34,6 +34,7 @@ class InFlightRequest:
     end: EndEvent | None = None
     queued_at: float = field(default_factory=time.monotonic)
     last_token_at: float = 0.0
+    tenant: str = ""  # the name of the API key's tenant ("" without tenancy)
     preemptions: int = 0  # times its KV blocks were taken back for older requests (it was recomputed)
 
     @property

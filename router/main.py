@@ -38,7 +38,7 @@ async def build_service(settings: RouterSettings) -> RouterService:
     kv = await kv_budget(shards, settings)
     tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
     tokenizer = TextTokenizer(tokenizer_dir)
-    metrics = Metrics()
+    metrics = Metrics(adapter_ids=tenants is None or settings.metrics_adapter_labels)
     metrics.kv_blocks.set(kv.num_blocks)
     registry = AdapterRegistry(shards, info.max_active_adapters + info.max_cpu_adapters, metrics)
     await registry.sync()
@@ -50,7 +50,6 @@ async def build_service(settings: RouterSettings) -> RouterService:
         metrics,
         adapter_slots=info.max_active_adapters,
         kv=kv,
-        on_release=registry.release,
         on_recovered=registry.sync,  # a restarted shard forgot the adapters loaded on demand
     )
     model = ModelInfo(

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+M = TypeVar("M", Counter, Gauge)
+
+
+class AdapterLabelled(Generic[M]):
+    """A metric with an ``adapter`` label that names the adapter only where ids may be shown.
+
+    /metrics is open (scrapers carry no key): under tenancy an id would tell anyone which adapters every
+    tenant has and how much each is used, so there every adapter is counted as ``adapter`` (the base model
+    stays ``base``) unless --metrics-adapter-labels says otherwise (docs/serving.md).
+    """
+
+    def __init__(self, metric: M, show_ids: bool) -> None:
+        self.metric: M = metric
+        self.show_ids = show_ids
+
+    def labels(self, adapter: str, *rest: str) -> M:
+        return self.metric.labels(adapter if self.show_ids or adapter == "base" else "adapter", *rest)
+
+    def clear(self) -> None:
+        self.metric.clear()
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, adapter_ids: bool = True) -> None:
+        """``adapter_ids``: per-adapter series carry the adapter's id (False: ``adapter`` for every adapter)."""
+        self.adapter_ids = adapter_ids
         r = self.registry = CollectorRegistry()
         self.requests = Counter("loraplex_requests", "Requests received, by outcome", ["status"], registry=r)
         self.request_duration = Histogram(
@@ -39,19 +64,25 @@ class Metrics:
         )
         self.input_tokens = Counter("loraplex_input_tokens", "Prompt tokens", registry=r)
         self.output_tokens = Counter("loraplex_output_tokens", "Generated tokens", registry=r)
-        self.adapter_requests = Counter("loraplex_adapter_requests", "Requests per adapter", ["adapter"], registry=r)
-        self.adapter_tokens = Counter(
-            "loraplex_adapter_tokens", "Generated tokens per adapter", ["adapter"], registry=r
+        self.adapter_requests = AdapterLabelled(
+            Counter("loraplex_adapter_requests", "Requests per adapter", ["adapter"], registry=r), adapter_ids
         )
-
-        self.adapter_load_seconds = Gauge(
-            "loraplex_adapter_load_seconds", "Seconds the adapter's last load took", ["adapter"], registry=r
+        self.adapter_tokens = AdapterLabelled(
+            Counter("loraplex_adapter_tokens", "Generated tokens per adapter", ["adapter"], registry=r), adapter_ids
         )
+        self.adapter_load_seconds = AdapterLabelled(
+            Gauge("loraplex_adapter_load_seconds", "Seconds the adapter's last load took", ["adapter"], registry=r),
+            adapter_ids,
+        )
+        # Per adapter only where ids are shown (a 1 per adapter would add up to nothing useful otherwise).
         self.adapter_tier = Gauge(
             "loraplex_adapter_tier",
             "1 for the tier each loaded adapter is in (host or device)",
             ["adapter", "tier"],
             registry=r,
+        )
+        self.adapters_loaded = Gauge(
+            "loraplex_adapters_loaded", "Adapters loaded, by tier (host or device)", ["tier"], registry=r
         )
         self.adapter_loads = Counter("loraplex_adapter_loads", "Adapter loads from disk (all adapters)", registry=r)
         self.adapter_evictions = Counter(

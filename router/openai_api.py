@@ -161,7 +161,7 @@ def openai_routes(service: RouterService) -> APIRouter:
         except ValidationError as exc:
             raise OpenAIError(422, "validation", str(exc)) from exc
         try:  # the template's own refusals ("roles must alternate") are the caller's to fix: 422, its words
-            prompt = service.chat_prompt(messages)
+            prompt = await service.chat_prompt(messages)
         except TemplateFailure as exc:
             raise OpenAIError(422, "validation", str(exc)) from exc
         return await run(request, body, prompt, "chat")

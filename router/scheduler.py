@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from loraplex.common.messages import to_message
 from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.router import shard_requests
 from loraplex.router.events import EndEvent, ErrorEvent, Event, TokenEvent, TokenInfo
 from loraplex.router.inflight import InFlightRequest, Overloaded
 from loraplex.router.kv_budget import Admission, KvBudget
@@ -41,13 +41,13 @@ class Scheduler:
         *,
         adapter_slots: int = 0,
         kv: KvBudget | None = None,
-        on_release: Callable[[str], None] | None = None,
+        on_release: Callable[[InFlightRequest], None] | None = None,
         on_recovered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``adapter_slots`` is the shards' --max-active-adapters (0: no limit); ``kv`` the KV blocks they
-        reported (None: --max-batch-total-tokens in one-token blocks). ``on_release(adapter_id)``
-        runs once a request that named an adapter holds nothing on the shards any more (it may be unloaded
-        then); ``on_recovered()`` once the shards answer again after a failure (they may have restarted)."""
+        reported (None: --max-batch-total-tokens in one-token blocks). ``on_release(request)``
+        runs exactly once per submitted request, once it holds nothing on the shards any more (its adapter may
+        be unloaded then); ``on_recovered()`` once the shards answer again after a failure (they may have restarted)."""
         self.shards = shards
         self.tokenizer = tokenizer
         self.settings = settings
@@ -62,7 +62,7 @@ class Scheduler:
         self.adapter_slots = adapter_slots or 1 << 30
         self.kv = kv or KvBudget(1, settings.max_batch_total_tokens)
         self._kv_hold = False  # the shards said "full" against our count: one at a time until a request leaves
-        self._on_release = on_release
+        self.on_release = on_release
         self._on_recovered = on_recovered
         self.longest_wait = 0.0
 
@@ -180,26 +180,26 @@ class Scheduler:
                 self.metrics.longest_queue_wait.set(wait)
         return batch
 
-    async def _prefill(self, entries: list[InFlightRequest]) -> None:
-        batch_id = next(self._ids)
-        requests = [
-            pb.Request(
-                id=e.id,
-                input_ids=e.prompt_ids,
-                adapter_id=e.params.adapter_id,
-                sampling=to_message(pb.SamplingParameters, e.params),
-                top_n_tokens=e.params.top_n_tokens,
-                prefill_logprobs=e.params.decoder_input_details and not e.generated,
-                generated_tokens=len(e.generated),
-            )
-            for e in entries
-        ]
-        self.metrics.batch_size.observe(len(entries))
-        for e in entries:  # running from now on, so that a failing step reaches them too
+    async def _prefill(self, admitted: list[InFlightRequest]) -> None:
+        for e in admitted:  # running from now on, so that whatever fails from here reaches them too
             self.running[e.id] = e
+        batch_id = next(self._ids)
+        entries, messages = [], []
+        for e in admitted:
+            try:
+                messages.append(shard_requests.shard_request(e))
+            except Exception as exc:  # a field the shard's message cannot hold: this request alone fails
+                log.warning("request cannot be sent to the shards", extra={"request": e.id, "error": repr(exc)})
+                del self.running[e.id]
+                self._finish(e, ErrorEvent("generation failed: the request cannot be sent to the shards"))
+                continue
+            entries.append(e)
+        if not entries:
+            return
+        self.metrics.batch_size.observe(len(entries))
         try:
             with self.metrics.forward_duration.labels("prefill").time():
-                resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=requests))
+                resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=messages))
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise  # a shard is gone or stuck: everyone in flight is affected
@@ -309,67 +309,52 @@ class Scheduler:
         now = time.monotonic()
         for g in generations:
             e = self.running.get(g.request_id)
-            if e is None or e.finished:
+            if e is None or e.finished or e.cancelled:
                 continue
-            if e.cancelled:
-                continue
-            if g.prefill_tokens:
-                e.prefill = [self._info(t.id, t.logprob) for t in g.prefill_tokens]
-            if e.generated:
-                self.metrics.inter_token_latency.observe(now - e.last_token_at)
+            try:
+                self._token(e, g, now)
+            except Exception:  # this request's own token (its text, its stop check): it alone fails
+                log.exception("token handling failed", extra={"request": e.id})
+                self._finish(e, ErrorEvent("generation failed: internal error"))  # _filter drops it on the shards
+
+    def _token(self, e: InFlightRequest, g: pb.Generation, now: float) -> None:
+        """One generated token of ``e``: its text, its event, and whether it ends the request."""
+        if g.prefill_tokens:
+            e.prefill = [self._info(t.id, t.logprob) for t in g.prefill_tokens]
+        if e.generated:
+            self.metrics.inter_token_latency.observe(now - e.last_token_at)
+        else:
+            self.metrics.time_to_first_token.observe(now - e.queued_at)
+        e.last_token_at = now
+        token = self._info(g.token.id, g.token.logprob)
+        e.generated.append(token.id)
+        if not token.special:
+            text = self.tokenizer.decode(e.generated)
+            if not text.endswith("\ufffd"):  # a character split across tokens: wait for its end
+                token = TokenInfo(token.id, text[len(e.text) :], token.logprob, token.special)
+                e.text = text
             else:
-                self.metrics.time_to_first_token.observe(now - e.queued_at)
-            e.last_token_at = now
-            token = self._info(g.token.id, g.token.logprob)
-            e.generated.append(token.id)
-            if not token.special:
-                text = self.tokenizer.decode(e.generated)
-                if not text.endswith("\ufffd"):  # a character split across tokens: wait for its end
-                    token = TokenInfo(token.id, text[len(e.text) :], token.logprob, token.special)
-                    e.text = text
-                else:
-                    token = TokenInfo(token.id, "", token.logprob, token.special)
-            tops = [self._info(t.id, t.logprob) for t in g.top_tokens]
-            e.tokens.append(token)
-            e.top_tokens.append(tops)
-            e.events.put_nowait(TokenEvent(len(e.tokens), token, tops))
-            self.metrics.output_tokens.inc()
-            self.metrics.adapter_tokens.labels(e.params.adapter_id or "base").inc()
-            reason = None
-            # vLLM's ignore_eos and min_tokens: an EOS ends the answer only after min_tokens other tokens (the
-            # shard masks it before), a stop sequence from min_tokens on, counted where it ends in this token's text.
-            early = len(e.generated) < e.params.min_tokens
-            fresh = 0 if token.special else len(token.text)
-            if token.id in self.eos_ids and not e.params.ignore_eos and len(e.generated) > e.params.min_tokens:
-                reason = "eos_token"
-            elif not early and any(s in e.text[max(0, len(e.text) - fresh - len(s) + 1) :] for s in e.params.stop):
-                reason = "stop_sequence"
-            elif len(e.generated) >= e.max_new_tokens:
-                reason = "length"
-            if reason:
-                self._finish(e, self._end(e, reason))
+                token = TokenInfo(token.id, "", token.logprob, token.special)
+        tops = [self._info(t.id, t.logprob) for t in g.top_tokens]
+        e.tokens.append(token)
+        e.top_tokens.append(tops)
+        e.events.put_nowait(TokenEvent(len(e.tokens), token, tops))
+        self.metrics.output_tokens.inc()
+        self.metrics.adapter_tokens.labels(e.params.adapter_id or "base").inc()
+        reason = shard_requests.finish_reason(e, token, self.eos_ids)
+        if reason:
+            self._finish(e, shard_requests.end_event(e, reason))
 
     def _info(self, token_id: int, logprob: float) -> TokenInfo:
         special = token_id in self.tokenizer.special_ids
         return TokenInfo(token_id, self.tokenizer.token_text(token_id), logprob, special)
 
-    def _end(self, e: InFlightRequest, reason: str) -> EndEvent:
-        return EndEvent(
-            generated_text=e.text,
-            finish_reason=reason,
-            generated_tokens=len(e.generated),
-            seed=e.params.seed if e.params.sampling else None,
-            prefill=e.prefill,
-            tokens=e.tokens,
-            top_tokens=e.top_tokens,
-        )
-
     def _release(self, e: InFlightRequest) -> None:
         """The request holds nothing on the shards any more: its adapter may be unloaded."""
         if not e.released:
             e.released = True
-            if self._on_release is not None and e.params.adapter_id:
-                self._on_release(e.params.adapter_id)
+            if self.on_release is not None:
+                self.on_release(e)
 
     def _finish(self, e: InFlightRequest, event: Event | None) -> None:
         e.finished = True

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from loraplex import __version__
 from loraplex.common.adapter_ids import adapter_id_problem
@@ -20,6 +23,13 @@ from loraplex.router.tenancy import Tenant, Tenants
 from loraplex.router.tokenizer import Offsets, TextTokenizer
 from loraplex.router.validation import GenerateParameters, ValidationError, check_lengths
 from loraplex.router.views import AdapterView, Health, ModelInfo, ServerInfo
+
+T = TypeVar("T")
+
+# /metrics is open: however often it is scraped, the shards are asked at most this often.
+KV_READ_INTERVAL_S = 1.0  # Health, for the KV blocks in use
+ADAPTER_READ_INTERVAL_S = 10.0  # ListAdapters, which walks the adapter roots, for the tiers
+TOKENIZER_THREADS = 2  # tokenization and chat templates run here, never on the batching loop
 
 
 class RouterService:
@@ -47,6 +57,13 @@ class RouterService:
         self._registry = registry
         self.tenants = tenants
         self.draining = False
+        scheduler.on_release = self._released
+        self._tenant_requests: Counter[str] = Counter()  # in flight per tenant name, until released
+        self._tenant_loads: Counter[str] = Counter()  # waiting for an adapter load per tenant name
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="loraplex-tokenizer")
+        self._metrics_lock = asyncio.Lock()
+        self._kv_read_at = self._adapters_read_at = -float("inf")
+        self._adapters_read_for: set[str] = set()  # what the router had loaded at the last ListAdapters
 
     @property
     def model_id(self) -> str:
@@ -101,25 +118,43 @@ class RouterService:
         return Health(True)
 
     async def render_metrics(self) -> bytes:
-        """Prometheus text, with the shards' KV use and adapter tiers read now."""
+        """Prometheus text, with the shards' KV use and adapter tiers as last read: at most every
+        KV_READ_INTERVAL_S and ADAPTER_READ_INTERVAL_S, or once the router loaded or unloaded an adapter
+        since (which a scrape cannot cause), so a burst of scrapes costs the shards one read."""
         m = self._scheduler.metrics
-        try:
-            health = await self._scheduler.shards.health(timeout=2.0)
-            m.kv_blocks_used.set(health.kv_blocks_used)
-            m.adapter_tier.clear()
-            for a in await self._scheduler.shards.list_adapters():
-                if a.tier in ("host", "device"):
-                    m.adapter_tier.labels(a.id, a.tier).set(1)
-        except Exception:
-            pass  # metrics stay readable when shards are down
+        async with self._metrics_lock:  # concurrent scrapes wait for one read rather than each making one
+            try:
+                if time.monotonic() - self._kv_read_at >= KV_READ_INTERVAL_S:
+                    self._kv_read_at = time.monotonic()
+                    health = await self._scheduler.shards.health(timeout=2.0)
+                    m.kv_blocks_used.set(health.kv_blocks_used)
+                held = set(self._registry.loaded)
+                if (
+                    time.monotonic() - self._adapters_read_at >= ADAPTER_READ_INTERVAL_S
+                    or held != self._adapters_read_for
+                ):
+                    self._adapters_read_at, self._adapters_read_for = time.monotonic(), held
+                    loaded = [a for a in await self._scheduler.shards.list_adapters() if a.tier in ("host", "device")]
+                    m.adapter_tier.clear()
+                    if m.adapter_ids:
+                        for a in loaded:
+                            m.adapter_tier.labels(a.id, a.tier).set(1)
+                    for tier in ("host", "device"):
+                        m.adapters_loaded.labels(tier).set(sum(a.tier == tier for a in loaded))
+            except Exception:
+                pass  # metrics stay readable when shards are down
         return m.render()
 
-    def tokenize(self, text: str) -> list[Offsets]:
-        return self._tokenizer.offsets(text)
+    async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """``work`` in a tokenizer thread: a long prompt or template never stalls the streams being served."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, work, *args)
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+    async def tokenize(self, text: str) -> list[Offsets]:
+        return await self._off_loop(self._tokenizer.offsets, text)
+
+    async def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         """The base model's chat template applied; raises TemplateFailure when it refuses the messages."""
-        return self._tokenizer.apply_chat_template(messages)
+        return await self._off_loop(self._tokenizer.apply_chat_template, messages)
 
     def check_adapter(self, adapter_id: str, tenant: Tenant | None) -> None:
         """Refuse what this caller may not use: a forbidden adapter looks exactly like a missing one."""
@@ -151,7 +186,22 @@ class RouterService:
         if not inputs:
             raise ApiError(422, "validation", "`inputs` cannot be empty")
         self.check_adapter(params.adapter_id, tenant)
-        ids = self._tokenizer.encode(inputs)
+        name = tenant.name if tenant is not None else ""
+        limit = self.settings.max_concurrent_requests_per_tenant
+        if name and limit and self._tenant_requests[name] >= limit:
+            raise ApiError(429, "overloaded", f"this API key has {limit} requests in flight already; retry later")
+        self._tenant_requests[name] += 1  # counted from now: others may pass the check while this one tokenizes
+        try:
+            request = await self._queue(inputs, params, name)
+        except BaseException:
+            self._tenant_done(name)
+            raise
+        self._scheduler.metrics.adapter_requests.labels(params.adapter_id or "base").inc()
+        return request
+
+    async def _queue(self, inputs: str, params: GenerateParameters, tenant: str) -> InFlightRequest:
+        """Tokenize, check lengths and load, acquire the adapter, submit; the scheduler owns the request then."""
+        ids = await self._off_loop(self._tokenizer.encode, inputs)
         if params.truncate is not None:
             ids = ids[-params.truncate :]
         try:
@@ -164,19 +214,46 @@ class RouterService:
         if adapter:
             self._registry.acquire(adapter)  # from now until the request ends, the adapter stays loaded
             try:
-                await self._registry.ensure(adapter)
+                await self._load(adapter, tenant)
             except BaseException:
                 self._registry.release(adapter)
                 raise
-        request = InFlightRequest(ids, params, max_new)
+        request = InFlightRequest(ids, params, max_new, tenant=tenant)
         try:
             self._scheduler.submit(request)
         except Overloaded as exc:
             if adapter:
                 self._registry.release(adapter)
             raise ApiError(429, "overloaded", str(exc)) from exc
-        self._scheduler.metrics.adapter_requests.labels(adapter or "base").inc()
         return request
+
+    async def _load(self, adapter: str, tenant: str) -> None:
+        """The adapter loaded; a tenant already waiting for --max-adapter-loads-per-tenant loads gets 429."""
+        limit = self.settings.max_adapter_loads_per_tenant
+        if not tenant or not limit or adapter in self._registry.loaded:
+            await self._registry.ensure(adapter)
+            return
+        if self._tenant_loads[tenant] >= limit:
+            raise ApiError(429, "overloaded", f"this API key has {limit} adapter loads in progress; retry later")
+        self._tenant_loads[tenant] += 1
+        try:
+            await self._registry.ensure(adapter)
+        finally:
+            self._tenant_loads[tenant] -= 1
+            if self._tenant_loads[tenant] <= 0:
+                del self._tenant_loads[tenant]
+
+    def _released(self, request: InFlightRequest) -> None:
+        """The scheduler is done with ``request`` (it holds nothing on the shards): its adapter and its place
+        in its tenant's count are given back."""
+        if request.params.adapter_id:
+            self._registry.release(request.params.adapter_id)
+        self._tenant_done(request.tenant)
+
+    def _tenant_done(self, tenant: str) -> None:
+        self._tenant_requests[tenant] -= 1
+        if self._tenant_requests[tenant] <= 0:
+            del self._tenant_requests[tenant]
 
     async def load_adapter(self, adapter_id: str) -> AdapterView:
         """Admin load: the same path as a first request, then the adapter's record."""

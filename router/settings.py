@@ -35,6 +35,9 @@ class RouterSettings:
     max_connections: int = 1024
     api_keys_file: Path | None = None
     admin_token: str = ""
+    max_concurrent_requests_per_tenant: int = 0  # 0: no limit but --max-concurrent-requests
+    max_adapter_loads_per_tenant: int = 0
+    metrics_adapter_labels: bool = False
     json_output: bool = False
 
 
@@ -68,6 +71,23 @@ def add_serving_flags(p: FlagParser) -> None:
     )
     p.flag("--api-keys-file", type=Path, default=None)
     p.flag("--admin-token", default="")
+    p.flag(
+        "--max-concurrent-requests-per-tenant",
+        type=int,
+        default=d.max_concurrent_requests_per_tenant,
+        help="requests one tenant (API key entry) may have in flight; beyond it that tenant gets 429 (0: no limit)",
+    )
+    p.flag(
+        "--max-adapter-loads-per-tenant",
+        type=int,
+        default=d.max_adapter_loads_per_tenant,
+        help="requests of one tenant waiting for an adapter load at once; beyond it 429 (0: no limit)",
+    )
+    p.flag(
+        "--metrics-adapter-labels",
+        action="store_true",
+        help="name adapters in /metrics even with --api-keys-file (/metrics is open: ids are hidden by default)",
+    )
     p.flag("--json-output", action="store_true")
 
 
@@ -106,6 +126,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RouterSettings:
         problems.append("--max-batch-total-tokens must be at least --max-total-tokens")
     if min(s.max_concurrent_requests, s.max_batch_size, s.max_input_tokens) < 1:
         problems.append("limits must be positive")
+    if min(s.max_concurrent_requests_per_tenant, s.max_adapter_loads_per_tenant) < 0:
+        problems.append("per-tenant limits must be 0 (no limit) or positive")
     if s.connect_timeout <= 0:
         problems.append("--connect-timeout must be positive")
     if not s.shard_uds:

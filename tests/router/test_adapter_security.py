@@ -66,6 +66,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         str(keys),
         "--admin-token",
         ADMIN,
+        "--metrics-adapter-labels",  # ids in /metrics under tenancy only when asked for (test_per_adapter_metrics)
         shard_args=("--adapter-dirs", str(root), "--max-lora-rank", "16"),
     )
     yield dict(server=server, root=root, top=top, fifo=fifo_dir, model_dir=model_dir)
