@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -17,6 +18,8 @@ from loraplex.router.service import RouterService
 from loraplex.router.tenancy import Tenant, is_admin
 from loraplex.router.validation import GenerateParameters, ValidationError, validate_parameters
 from loraplex.router.views import AdapterView, ServerInfo
+
+log = logging.getLogger("loraplex.router")
 
 _CODES = {
     "validation": grpc.StatusCode.INVALID_ARGUMENT,
@@ -137,7 +140,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         await self._tenant(context)
-        offsets = await self.service.tokenize(request.inputs)
+        offsets = self.service.tokenize(request.inputs)
         return pb.TokenizeResponse(tokens=[pb.Token(id=o.id, text=o.text) for o in offsets])
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
@@ -188,9 +191,53 @@ def _info(info: ServerInfo) -> pb.InfoResponse:
     return to_message(pb.InfoResponse, info)
 
 
+class HideExceptions(grpc.aio.ServerInterceptor):
+    """A method's unexpected exception reaches the client as INTERNAL "internal error", not as grpc's default
+    "Unexpected <class ...>: <text>", whose text may hold local paths or internals; the log keeps it all."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def guarded_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await unary(request, context)
+                except Exception as exc:
+                    await _internal(context, method, exc)
+
+            return handler._replace(unary_unary=guarded_unary)
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for message in stream(request, context):
+                        yield message
+                except Exception as exc:
+                    await _internal(context, method, exc)
+
+            return handler._replace(unary_stream=guarded_stream)
+        return handler
+
+
+async def _internal(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
+    if isinstance(exc, grpc.aio.AbortError):  # an answer the method chose (context.abort)
+        raise exc
+    log.error("gRPC %s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    raise AssertionError("unreachable")
+
+
 async def serve_grpc(service: RouterService, address: str) -> grpc.aio.Server:
-    # Bodies are bounded as on HTTP (--max-body-bytes), not by gRPC's 4 MiB default.
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", service.settings.max_body_bytes)])
+    server = grpc.aio.server(interceptors=[HideExceptions()])
     pb_grpc.add_TextGenerationServicer_to_server(TextGeneration(service), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")

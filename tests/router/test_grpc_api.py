@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import grpc
 import httpx
 import pytest
 
 from loraplex.proto.v1 import generate_pb2 as pb
 from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
+from loraplex.router.grpc_api import HideExceptions
 from tests.servers import Server
 
 
@@ -76,3 +80,48 @@ def test_grpc_errors_have_status_codes(server: Server, stub: pb_grpc.TextGenerat
     http = httpx.post(server.url + "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=30)
     assert ok.generated_text == http.json()["generated_text"]  # the server still serves after the errors
     assert not ok.HasField("details")  # details were not asked for
+
+
+class _Failing(pb_grpc.TextGenerationServicer):
+    """Methods that fail the way a bug would, with text that must not reach the client."""
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        raise OSError(2, "No such file or directory", "/srv/secret-root/team-a/adapter")
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        yield pb.StreamResponse(index=1)
+        raise KeyError("/srv/secret-root/x")
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "validation: a chosen answer")
+        raise AssertionError("unreachable")
+
+
+def test_unexpected_exceptions_reach_grpc_clients_as_internal_without_their_text() -> None:
+    async def main() -> None:
+        server = grpc.aio.server(interceptors=[HideExceptions()])
+        pb_grpc.add_TextGenerationServicer_to_server(_Failing(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.TextGenerationStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Info(pb.InfoRequest(), timeout=10)
+                assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INTERNAL, "internal error")
+                got = []
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for message in stub.GenerateStream(pb.GenerateRequest(inputs="x"), timeout=10):
+                        got.append(message.index)
+                assert got == [1]
+                assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INTERNAL, "internal error")
+                with pytest.raises(grpc.aio.AioRpcError) as info:  # an abort keeps its code and words
+                    await stub.Tokenize(pb.TokenizeRequest(inputs="x"), timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert info.value.details() == "validation: a chosen answer"
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
