@@ -140,7 +140,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         await self._tenant(context)
-        offsets = self.service.tokenize(request.inputs)
+        offsets = await self.service.tokenize(request.inputs)
         return pb.TokenizeResponse(tokens=[pb.Token(id=o.id, text=o.text) for o in offsets])
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
@@ -237,7 +237,11 @@ async def _internal(context: grpc.aio.ServicerContext, method: str, exc: Excepti
 
 
 async def serve_grpc(service: RouterService, address: str) -> grpc.aio.Server:
-    server = grpc.aio.server(interceptors=[HideExceptions()])
+    # Bodies are bounded as on HTTP (--max-body-bytes), not by gRPC's 4 MiB default.
+    server = grpc.aio.server(
+        interceptors=[HideExceptions()],
+        options=[("grpc.max_receive_message_length", service.settings.max_body_bytes)],
+    )
     pb_grpc.add_TextGenerationServicer_to_server(TextGeneration(service), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
