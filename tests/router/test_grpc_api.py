@@ -47,6 +47,9 @@ def test_tokenize_info_health_list_adapters(server: Server, stub: pb_grpc.TextGe
     info = stub.Info(pb.InfoRequest(), timeout=10)
     assert info.max_total_tokens == 300 and info.max_input_tokens == 200 and info.num_shard == 1
     stub.Health(pb.HealthRequest(), timeout=10)
+    for adapter_id in server.adapters:  # a request puts each adapter on the device, whatever ran before
+        params = pb.Parameters(adapter_id=adapter_id, max_new_tokens=1)
+        stub.Generate(pb.GenerateRequest(inputs="hello", parameters=params), timeout=60)
     adapters = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters
     assert sorted(a.id for a in adapters) == sorted(server.adapters)
     by_id = {a.id: a for a in adapters}
