@@ -16,6 +16,7 @@ from loraplex.router.adapters import AdapterRegistry
 from loraplex.router.app import create_app
 from loraplex.router.grpc_api import serve_grpc
 from loraplex.router.kv_budget import KvBudget
+from loraplex.router.ledger import RequestLedger
 from loraplex.router.lifecycle import DrainingServer
 from loraplex.router.metrics import Metrics
 from loraplex.router.scheduler import Scheduler
@@ -42,6 +43,7 @@ async def build_service(settings: RouterSettings) -> RouterService:
     metrics.kv_blocks.set(kv.num_blocks)
     registry = AdapterRegistry(shards, info.max_active_adapters + info.max_cpu_adapters, metrics)
     await registry.sync()
+    ledger = RequestLedger(registry, settings.max_concurrent_requests_per_tenant, settings.max_adapter_loads_per_tenant)
     scheduler = Scheduler(
         shards,
         tokenizer,
@@ -50,6 +52,7 @@ async def build_service(settings: RouterSettings) -> RouterService:
         metrics,
         adapter_slots=info.max_active_adapters,
         kv=kv,
+        on_release=ledger.release,
         on_recovered=registry.sync,  # a restarted shard forgot the adapters loaded on demand
     )
     model = ModelInfo(
@@ -60,7 +63,7 @@ async def build_service(settings: RouterSettings) -> RouterService:
         kv_block_size=kv.block_size,
         kv_blocks=kv.num_blocks,
     )
-    return RouterService(scheduler, tokenizer, settings, model, registry, tenants)
+    return RouterService(scheduler, tokenizer, settings, model, registry, ledger, tenants)
 
 
 async def kv_budget(shards: ShardClients, settings: RouterSettings) -> KvBudget:

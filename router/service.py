@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ from loraplex.router.adapters import AdapterRegistry
 from loraplex.router.errors import ApiError, adapter_not_found
 from loraplex.router.events import EndEvent, ErrorEvent, Event
 from loraplex.router.inflight import InFlightRequest, Overloaded
+from loraplex.router.ledger import RequestLedger
 from loraplex.router.scheduler import Scheduler
 from loraplex.router.settings import RouterSettings
 from loraplex.router.tenancy import Tenant, Tenants
@@ -48,6 +48,7 @@ class RouterService:
         settings: RouterSettings,
         model: ModelInfo,
         registry: AdapterRegistry,
+        ledger: RequestLedger,
         tenants: Tenants | None = None,
     ) -> None:
         self._scheduler = scheduler
@@ -57,9 +58,7 @@ class RouterService:
         self._registry = registry
         self.tenants = tenants
         self.draining = False
-        scheduler.on_release = self._released
-        self._tenant_requests: Counter[str] = Counter()  # in flight per tenant name, until released
-        self._tenant_loads: Counter[str] = Counter()  # waiting for an adapter load per tenant name
+        self._ledger = ledger  # the scheduler releases into it (see build_service)
         self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="loraplex-tokenizer")
         self._metrics_lock = asyncio.Lock()
         self._kv_read_at = self._adapters_read_at = -float("inf")
@@ -187,14 +186,11 @@ class RouterService:
             raise ApiError(422, "validation", "`inputs` cannot be empty")
         self.check_adapter(params.adapter_id, tenant)
         name = tenant.name if tenant is not None else ""
-        limit = self.settings.max_concurrent_requests_per_tenant
-        if name and limit and self._tenant_requests[name] >= limit:
-            raise ApiError(429, "overloaded", f"this API key has {limit} requests in flight already; retry later")
-        self._tenant_requests[name] += 1  # counted from now: others may pass the check while this one tokenizes
+        self._ledger.enter(name)  # counted from now: others may pass the check while this one tokenizes
         try:
             request = await self._queue(inputs, params, name)
         except BaseException:
-            self._tenant_done(name)
+            self._ledger.leave(name)
             raise
         self._scheduler.metrics.adapter_requests.labels(params.adapter_id or "base").inc()
         return request
@@ -214,7 +210,7 @@ class RouterService:
         if adapter:
             self._registry.acquire(adapter)  # from now until the request ends, the adapter stays loaded
             try:
-                await self._load(adapter, tenant)
+                await self._ledger.load(adapter, tenant)
             except BaseException:
                 self._registry.release(adapter)
                 raise
@@ -226,34 +222,6 @@ class RouterService:
                 self._registry.release(adapter)
             raise ApiError(429, "overloaded", str(exc)) from exc
         return request
-
-    async def _load(self, adapter: str, tenant: str) -> None:
-        """The adapter loaded; a tenant already waiting for --max-adapter-loads-per-tenant loads gets 429."""
-        limit = self.settings.max_adapter_loads_per_tenant
-        if not tenant or not limit or adapter in self._registry.loaded:
-            await self._registry.ensure(adapter)
-            return
-        if self._tenant_loads[tenant] >= limit:
-            raise ApiError(429, "overloaded", f"this API key has {limit} adapter loads in progress; retry later")
-        self._tenant_loads[tenant] += 1
-        try:
-            await self._registry.ensure(adapter)
-        finally:
-            self._tenant_loads[tenant] -= 1
-            if self._tenant_loads[tenant] <= 0:
-                del self._tenant_loads[tenant]
-
-    def _released(self, request: InFlightRequest) -> None:
-        """The scheduler is done with ``request`` (it holds nothing on the shards): its adapter and its place
-        in its tenant's count are given back."""
-        if request.params.adapter_id:
-            self._registry.release(request.params.adapter_id)
-        self._tenant_done(request.tenant)
-
-    def _tenant_done(self, tenant: str) -> None:
-        self._tenant_requests[tenant] -= 1
-        if self._tenant_requests[tenant] <= 0:
-            del self._tenant_requests[tenant]
 
     async def load_adapter(self, adapter_id: str) -> AdapterView:
         """Admin load: the same path as a first request, then the adapter's record."""

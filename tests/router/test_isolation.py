@@ -20,6 +20,7 @@ from loraplex.router.errors import ApiError
 from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent
 from loraplex.router.inflight import InFlightRequest
 from loraplex.router.kv_budget import KvBudget
+from loraplex.router.ledger import RequestLedger
 from loraplex.router.metrics import Metrics
 from loraplex.router.scheduler import Scheduler
 from loraplex.router.service import RouterService
@@ -62,13 +63,18 @@ class _Tokenizer:
         return str(token_id)
 
 
+def _ledger(registry: Any, settings: RouterSettings) -> RequestLedger:
+    return RequestLedger(registry, settings.max_concurrent_requests_per_tenant, settings.max_adapter_loads_per_tenant)
+
+
 def _world(shard: Any, tokenizer: _Tokenizer | None = None) -> tuple[Scheduler, RouterService, AdapterRegistry]:
     """The real scheduler, service and adapter registry (adapters "a" and "b" loaded) around ``shard``."""
     metrics, tokenizer = Metrics(), tokenizer or _Tokenizer()
-    scheduler = Scheduler(shard, tokenizer, SETTINGS, set(), metrics, kv=KvBudget(4, 64))  # type: ignore[arg-type]
     registry = AdapterRegistry(shard, 8, metrics)
     registry.loaded = {"a": 0.0, "b": 0.0}
-    service = RouterService(scheduler, tokenizer, SETTINGS, MODEL, registry)  # type: ignore[arg-type]
+    ledger = _ledger(registry, SETTINGS)
+    scheduler = Scheduler(shard, tokenizer, SETTINGS, set(), metrics, kv=KvBudget(4, 64), on_release=ledger.release)  # type: ignore[arg-type]
+    service = RouterService(scheduler, tokenizer, SETTINGS, MODEL, registry, ledger)  # type: ignore[arg-type]
     return scheduler, service, registry
 
 
@@ -89,7 +95,7 @@ async def _drain(request: InFlightRequest) -> tuple[list[int], EndEvent | ErrorE
 def _settled(scheduler: Scheduler, service: RouterService, registry: AdapterRegistry) -> None:
     assert not scheduler.waiting and not scheduler.running and not scheduler.members
     assert not registry.refs  # every adapter reference taken at admission was given back
-    assert not service._tenant_requests
+    assert not service._ledger.requests
 
 
 def test_a_request_the_shard_message_cannot_hold_fails_alone() -> None:
@@ -223,7 +229,7 @@ def test_metrics_scrapes_read_the_shards_once_per_interval_and_name_adapters_onl
     metrics = Metrics(adapter_ids=ids_shown)
     scheduler = SimpleNamespace(shards=shards, metrics=metrics, in_flight=0, healthy=True)
     registry = SimpleNamespace(refs={}, loaded={})
-    service = RouterService(scheduler, None, SETTINGS, MODEL, registry)  # type: ignore[arg-type]
+    service = RouterService(scheduler, None, SETTINGS, MODEL, registry, _ledger(registry, SETTINGS))  # type: ignore[arg-type]
     metrics.adapter_requests.labels("team-a/secret").inc()
     metrics.adapter_tokens.labels("team-a/secret").inc(5)
     metrics.adapter_load_seconds.labels("team-a/secret").set(0.5)
@@ -261,9 +267,11 @@ class _SlowLoads:
 def test_adapter_loads_and_requests_are_limited_per_tenant() -> None:
     settings = dataclasses.replace(SETTINGS, max_adapter_loads_per_tenant=1, max_concurrent_requests_per_tenant=2)
     shards = _SlowLoads()
-    scheduler = Scheduler(shards, _Tokenizer(), settings, set(), Metrics())  # type: ignore[arg-type]
-    registry = AdapterRegistry(shards, 8, scheduler.metrics)  # type: ignore[arg-type]
-    service = RouterService(scheduler, scheduler.tokenizer, settings, MODEL, registry)  # type: ignore[arg-type]
+    metrics = Metrics()
+    registry = AdapterRegistry(shards, 8, metrics)  # type: ignore[arg-type]
+    ledger = _ledger(registry, settings)
+    scheduler = Scheduler(shards, _Tokenizer(), settings, set(), metrics, on_release=ledger.release)  # type: ignore[arg-type]
+    service = RouterService(scheduler, scheduler.tokenizer, settings, MODEL, registry, ledger)  # type: ignore[arg-type]
 
     async def run() -> None:
         a_load = asyncio.ensure_future(service.prepare("1", _params(2, "x"), TEAM_A))
@@ -281,9 +289,9 @@ def test_adapter_loads_and_requests_are_limited_per_tenant() -> None:
             await service.prepare("1", _params(2), TEAM_A)
         assert over.value.status == 429
         await service.prepare("1", _params(2), TEAM_B)  # team-b has room
-        assert service._tenant_requests == {"team-a": 2, "team-b": 2}
+        assert service._ledger.requests == {"team-a": 2, "team-b": 2}
         for r in scheduler.waiting:  # they end without reaching the shards: each is released
             scheduler._finish(r, None)
-        assert not service._tenant_requests and not registry.refs
+        assert not service._ledger.requests and not registry.refs
 
     asyncio.run(run())

@@ -18,6 +18,7 @@ from loraplex.proto.v1 import generate_pb2 as pb
 from loraplex.router.admin_api import adapter_json
 from loraplex.router.grpc_api import TextGeneration
 from loraplex.router.http_api import tgi_routes
+from loraplex.router.ledger import RequestLedger
 from loraplex.router.service import RouterService
 from loraplex.router.settings import RouterSettings
 from loraplex.router.shards import adapter_view
@@ -64,7 +65,8 @@ def _service(up: bool = True, healthy: bool = True, draining: bool = False) -> R
     scheduler = SimpleNamespace(shards=_Shards(up), healthy=healthy, in_flight=0)
     registry = SimpleNamespace(refs=Counter({"team/a": 2}))
     settings = RouterSettings(max_input_tokens=200, max_total_tokens=300)
-    service = RouterService(scheduler, None, settings, ModelInfo("m", "float32", "cpu", 2), registry)  # type: ignore[arg-type]
+    ledger = RequestLedger(registry, 0, 0)  # type: ignore[arg-type]
+    service = RouterService(scheduler, None, settings, ModelInfo("m", "float32", "cpu", 2), registry, ledger)  # type: ignore[arg-type]
     if draining:
         service.drain()
     return service
