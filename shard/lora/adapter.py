@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import re
 import time
@@ -14,17 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.lora.config import AdapterError, read_config
 from loraplex.shard.lora.patterns import PATTERN_SECONDS
+from loraplex.shard.lora.weights_file import (
+    FLOAT_DTYPES,
+    WEIGHTS_FILE,
+    TensorEntry,
+    corrupt,
+    read_header,
+    read_tensors,
+    weights_path,
+)
 from loraplex.shard.parallel import TensorParallel
 from loraplex.shard.projections import PROJECTIONS, Projection
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-WEIGHTS_FILE = "adapter_model.safetensors"
-_PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 _SERIALS = itertools.count(1)
 
 
@@ -107,83 +112,6 @@ class LoraAdapter:
             else:
                 moved[name] = ProjectionWeights(full_a.to(device, non_blocking=True), b, p.ranks)
         return LoraAdapter(self.adapter_id, moved, self.weight_bytes, self.source)
-
-
-MAX_HEADER_BYTES = 16 << 20  # ~100 bytes a tensor: far above any adapter's header, far below a memory problem
-# Floating-point safetensors dtypes and their sizes; anything else is refused from the header.
-_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor as the safetensors header declares it; nothing of its data has been read."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    end: int  # where its data ends, counted from the start of the data area
-
-
-def _weights_path(directory: Path) -> Path:
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        pickles = [name for name in _PICKLE_FILES if (directory / name).exists()]
-        if pickles:
-            raise AdapterError(
-                "pickle_weights",
-                f"adapter ships only pickle weights ({pickles[0]}); pickle is never loaded, "
-                f"convert it to {WEIGHTS_FILE}",
-            )
-        raise AdapterError("not_found", f"adapter has no {WEIGHTS_FILE}")
-    return path
-
-
-def _corrupt(reason: str) -> AdapterError:
-    return AdapterError("corrupt", f"{WEIGHTS_FILE} is corrupt or truncated: {reason}")
-
-
-def _read_header(path: Path) -> tuple[dict[str, _Entry], int]:
-    """The tensors the file declares and the size of its data area, from the header alone: shapes are checked
-    before a byte of weights is read (a hostile file cannot make us read or allocate what it claims)."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
-                raise _corrupt(f"header length {length} does not fit a file of {size} bytes")
-            raw = f.read(length)
-    except OSError as exc:
-        raise _corrupt(str(exc)) from exc
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _corrupt(f"header is not JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise _corrupt("header is not a JSON object")
-    entries: dict[str, _Entry] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end))
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok or not isinstance(dtype, str) or begin > end:
-            raise _corrupt(f"header entry {key!r} is malformed")
-        if dtype in _FLOAT_DTYPES and end - begin != math.prod(shape) * _FLOAT_DTYPES[dtype]:
-            raise _corrupt(f"{key} declares {end - begin} bytes for shape {list(shape)} of {dtype}")
-        entries[key] = _Entry(dtype, shape, end)
-    return entries, size - 8 - length
-
-
-def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Only the named tensors (those the checks accepted), each read at its offset."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in keys}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _corrupt(str(exc)) from exc
 
 
 def _parse_keys(entries: Iterable[str], config: ModelConfig) -> dict[tuple[int, str], dict[str, str]]:
@@ -275,8 +203,8 @@ def inspect_adapter(
     if not directory.is_dir():
         raise AdapterError("not_found", f"adapter directory {directory.name!r} does not exist")
     lora = read_config(directory)
-    path = _weights_path(directory)
-    entries, data_bytes = _read_header(path)
+    path = weights_path(directory)
+    entries, data_bytes = read_header(path)
     found = _parse_keys(entries, config)
     timeout = PATTERN_SECONDS if deadline is None else min(PATTERN_SECONDS, deadline - time.monotonic())
     targeted = lora.resolve(config.num_layers, timeout=timeout)
@@ -292,8 +220,8 @@ def inspect_adapter(
         _check_shapes(module, rank, a, b, PROJECTIONS[proj].shape(config), max_rank)
         for half in (a, b):
             if half.end > data_bytes:  # checked after the shapes: a wrong shape is the more useful error
-                raise _corrupt(f"{module}'s data ends at byte {half.end} of a data area of {data_bytes} bytes")
-        nbytes = (math.prod(a.shape) + math.prod(b.shape)) * _FLOAT_DTYPES[a.dtype]
+                raise corrupt(f"{module}'s data ends at byte {half.end} of a data area of {data_bytes} bytes")
+        nbytes = (math.prod(a.shape) + math.prod(b.shape)) * FLOAT_DTYPES[a.dtype]
         modules.setdefault(proj, {})[layer] = _Module(halves["A"], halves["B"], rank, scale, nbytes)
     if not modules:
         raise AdapterError(
@@ -336,7 +264,7 @@ def read_adapter(
         return step(timed)
 
     keys = [k for layers in plan.modules.values() for m in layers.values() for k in (m.key_a, m.key_b)]
-    tensors: dict[str, torch.Tensor] = run(lambda: _read_tensors(plan.path, keys))
+    tensors: dict[str, torch.Tensor] = run(lambda: read_tensors(plan.path, keys))
     per_proj = {
         proj: {layer: (tensors[m.key_a], tensors[m.key_b], m.scale) for layer, m in layers.items()}
         for proj, layers in plan.modules.items()
@@ -345,7 +273,7 @@ def read_adapter(
         for layer, (a, b, _) in layers.items():
             m = plan.modules[proj][layer]
             if not (a.is_floating_point() and b.is_floating_point()) or a.shape[0] != m.rank:
-                raise _corrupt(f"layer {layer} {proj}: data does not match the header")
+                raise corrupt(f"layer {layer} {proj}: data does not match the header")
 
     def stack_piece(group: list[str]) -> dict[str, ProjectionWeights]:
         return {p: _stack(per_proj[p], config, PROJECTIONS[p], dtype, device, tp, compact) for p in group}
@@ -404,7 +332,9 @@ def _pieces(modules: dict[str, dict[int, _Module]]) -> list[list[str]]:
     return pieces
 
 
-def _check_shapes(module: str, rank: int, a: _Entry, b: _Entry, shape: tuple[int, int], max_rank: int) -> None:
+def _check_shapes(
+    module: str, rank: int, a: TensorEntry, b: TensorEntry, shape: tuple[int, int], max_rank: int
+) -> None:
     in_features, out_features = shape
     if len(a.shape) != 2 or len(b.shape) != 2:
         raise AdapterError("shape_mismatch", f"{module}: LoRA weights must be matrices")
@@ -418,7 +348,7 @@ def _check_shapes(module: str, rank: int, a: _Entry, b: _Entry, shape: tuple[int
             f"{module}: lora_A {a.shape} and lora_B {b.shape} do not fit rank {rank} on a "
             f"{in_features}->{out_features} projection of the base model",
         )
-    if a.dtype not in _FLOAT_DTYPES or b.dtype not in _FLOAT_DTYPES:
+    if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
         raise AdapterError("corrupt", f"{module}: LoRA weights must be floating point, not {a.dtype}/{b.dtype}")
 
 

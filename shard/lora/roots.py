@@ -8,8 +8,8 @@ from pathlib import Path
 
 from loraplex.common.adapter_ids import adapter_id_problem
 from loraplex.shard.hub import HubError, hub_snapshot
-from loraplex.shard.lora.adapter import WEIGHTS_FILE
 from loraplex.shard.lora.config import CONFIG_FILE, AdapterError
+from loraplex.shard.lora.weights_file import WEIGHTS_FILE
 
 # In --adapter-dirs, this entry lets an "owner/name" id resolve in the huggingface_hub cache.
 HUB_CACHE = "hf-cache"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraplex.shard.hub import HubError, hub_snapshot
-from loraplex.shard.lora.adapter import WEIGHTS_FILE
 from loraplex.shard.lora.config import CONFIG_FILE, AdapterError
+from loraplex.shard.lora.weights_file import WEIGHTS_FILE
 
 
 def parse_adapter_specs(spec: str) -> list[tuple[str, str]]:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-import loraplex.shard.lora.adapter as adapter_module
 import loraplex.shard.lora.patterns as patterns_module
+import loraplex.shard.lora.weights_file as weights_file_module
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.lora.adapter import inspect_adapter, load_adapter
 from loraplex.shard.lora.config import AdapterError
@@ -124,13 +124,13 @@ def _rewrite_header(path: Path, edit: Callable[[dict[str, Any]], None], keep_dat
 
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     reads: list[str] = []
-    real = adapter_module.safe_open
+    real = weights_file_module.safe_open
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         reads.append(str(args[0]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(adapter_module, "safe_open", counting)
+    monkeypatch.setattr(weights_file_module, "safe_open", counting)
     return reads
 
 
