@@ -85,8 +85,7 @@ class FlagParser(argparse.ArgumentParser):
         return self.parse_known_args(argv)[0]
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(self.prog, message)
 
 
 def fail(prog: str, message: str) -> NoReturn:
