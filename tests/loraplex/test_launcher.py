@@ -258,6 +258,14 @@ def test_the_supervisor_stops_the_rest_when_one_ends() -> None:
     assert sleeper.returncode == -signal.SIGTERM and time.monotonic() - started < 30
 
 
+def test_the_supervisor_stops_everything_when_not_ready_in_time() -> None:
+    supervisor = Supervisor("test")
+    sleeper = supervisor.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    started = time.monotonic()
+    assert supervisor.run(stop_order=[["sleeper"]], grace=60, ready=lambda: False, ready_timeout=0.5) == 1
+    assert sleeper.returncode == -signal.SIGTERM and time.monotonic() - started < 30
+
+
 def _refused_launch(*flags: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "loraplex.launcher", "--port", str(free_port()), "--grpc-port", str(free_port())]
     return subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
