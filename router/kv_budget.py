@@ -41,8 +41,10 @@ class KvBudget:
     def victims(self, running: Sequence[tuple[int, int]]) -> list[int]:
         """Ids of the sequences ``(id, length)`` to preempt, newest (highest id) first, so that the others'
         next step fits. The oldest is never a victim: it fits alone, so the batch always makes progress."""
+        need = self.next_step(n for _, n in running)
+        if need <= self.num_blocks:  # every step but under pressure: no sort
+            return []
         order = sorted(running)
-        need = self.next_step(n for _, n in order)
         out = []
         while need > self.num_blocks and len(order) > 1:
             rid, length = order.pop()
