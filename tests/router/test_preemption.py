@@ -4,6 +4,7 @@ continues exactly, and a shard that says "full" against the router's count (RESO
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -174,6 +175,39 @@ def test_a_shard_refusing_against_the_routers_count_preempts_rather_than_fails(h
     assert streamed == [solo(p, n) for p, n in jobs]
     assert requests[0].preemptions == 0
     assert shard.free == hidden
+
+
+def test_a_lone_request_the_shard_cannot_hold_fails_alone_and_frees_its_blocks() -> None:
+    """Nothing to preempt: the request the shard refuses to grow gets an error, not a retry forever."""
+    shard = BookkeepingShard(4, 2)  # the router believes 8 blocks; 11 tokens need 3
+    _, streamed, ends = asyncio.run(_serve(shard, KvBudget(4, 8), [([1, 2], 9)]))
+    assert shard.refusals == 1
+    assert isinstance(ends[0], ErrorEvent) and "cannot hold this request" in ends[0].message
+    assert streamed == [solo([1, 2], 9)[:7]]  # 2 blocks hold 8 tokens: the step that writes the 9th is refused
+    assert shard.free == 2 and not shard.batches
+
+
+def test_a_request_the_shard_message_cannot_hold_fails_alone_in_its_batch() -> None:
+    """A field past its wire type (validation refuses it; this is the scheduler's own guard) fails that request
+    only: the rest of its prefill batch is served."""
+
+    async def run() -> tuple[EndEvent | ErrorEvent, EndEvent | ErrorEvent, list[int]]:
+        shard = BookkeepingShard(4, 8)
+        scheduler = Scheduler(shard, TOKENIZER, SETTINGS, set(), Metrics(), kv=KvBudget(4, 8))  # type: ignore[arg-type]
+        bad, good = _request([1, 2], 3), _request([3, 4], 3)
+        bad.params = dataclasses.replace(bad.params, top_k=2**40)  # uint32 on the wire
+        for r in (bad, good):
+            scheduler.submit(r)
+        loop = asyncio.ensure_future(scheduler.run())
+        events = [[await asyncio.wait_for(r.events.get(), 10) for _ in range(n)] for r, n in ((bad, 1), (good, 3))]
+        end = await asyncio.wait_for(good.events.get(), 10)
+        loop.cancel()
+        assert shard.free == 8
+        return events[0][0], end, [e.token.id for e in events[1] if isinstance(e, TokenEvent)]
+
+    refused, end, tokens = asyncio.run(run())
+    assert isinstance(refused, ErrorEvent) and "cannot be sent to the shards" in refused.message
+    assert isinstance(end, EndEvent) and tokens == solo([3, 4], 3)
 
 
 def test_admission_is_in_blocks_and_lets_a_long_preempted_prompt_in_alone() -> None:
