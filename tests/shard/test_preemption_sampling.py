@@ -3,29 +3,14 @@ generated tokens appended to the prompt) continues exactly, seeded sampling incl
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from loraplex.shard.engine import NewRequest, ShardEngine, resume_sampler
 from loraplex.shard.kv_cache import KVCacheFull
-from loraplex.shard.lora.store import AdapterStore
-from loraplex.shard.model_thread import ModelThread
-from loraplex.shard.runner import build_runner
 from loraplex.shard.sampling import SamplingParams, TokenChooser
-from tests.factories import tiny_model
 
 SEEDED = SamplingParams(do_sample=True, seed=11, temperature=0.8, top_k=40, repetition_penalty=1.2)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> ShardEngine:
-    tiny_model(tmp_path, "llama")
-    runner = build_runner(tmp_path, kv_blocks=8, block_size=4)
-    model = ModelThread()
-    store = AdapterStore(runner.model.config, dtype=torch.float32, pace=model.between_steps)
-    return ShardEngine(runner, store, model)
 
 
 def test_skipped_draws_leave_a_sampler_where_drawing_would_have() -> None:
