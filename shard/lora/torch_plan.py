@@ -63,10 +63,10 @@ class TorchLoraPlan:
                 site_rank[id(adapter)] = max(ranks)
         groups = []
         for members in buckets.values():
-            keys = [id(a) if a is not None and id(a) in members else -1 for a in self.row_adapters]
             dense = {key: index for index, key in enumerate(members)}
             segs, seg_keys = Segments.from_keys(
-                [dense[k] if k >= 0 else -1 for k in keys], {dense[k]: site_rank[k] for k in members}
+                [-1 if a is None else dense.get(id(a), -1) for a in self.row_adapters],
+                {dense[k]: site_rank[k] for k in members},
             )
             chunk_keys = [seg_keys[s] for s in segs.chunk_segments]
             groups.append(self._stack(segs, chunk_keys, list(members.values()), projs, offsets, self.dtype))
@@ -82,14 +82,14 @@ class TorchLoraPlan:
         dtype: torch.dtype | None,
     ) -> _Group:
         present = [p for p in projs if any(p in m.projections for m in members)]
-        ranks = {p: max(m.projections[p].rank for m in members if p in m.projections) for p in present}
         sample = {p: next(m.projections[p] for m in members if p in m.projections) for p in present}
-        num_layers, in_features = next(iter(sample.values())).a.shape[:2]
         like = next(iter(sample.values())).a
-        chunks = segs.num_chunks
         dtype = dtype or like.dtype
         if len(members) == 1:
             return TorchLoraPlan._views(segs, members[0], present, offsets, dtype)
+        ranks = {p: max(m.projections[p].rank for m in members if p in m.projections) for p in present}
+        num_layers, in_features = like.shape[:2]
+        chunks = segs.num_chunks
         # Every element is written below unless some member lacks a projection or has a smaller rank:
         # only then do the stacks need zeros (filling 100+ MB of zeros is a quarter of a rebuild).
         padded = any(p not in m.projections or m.projections[p].rank < ranks[p] for m in members for p in present)
