@@ -33,9 +33,7 @@ class RequestLedger:
         self.requests[tenant] += 1
 
     def leave(self, tenant: str) -> None:
-        self.requests[tenant] -= 1
-        if self.requests[tenant] <= 0:
-            del self.requests[tenant]
+        _decrement(self.requests, tenant)
 
     async def load(self, adapter: str, tenant: str) -> None:
         """The adapter loaded; a tenant already waiting for --max-adapter-loads-per-tenant loads gets 429."""
@@ -50,9 +48,7 @@ class RequestLedger:
         try:
             await self._registry.ensure(adapter)
         finally:
-            self.loads[tenant] -= 1
-            if self.loads[tenant] <= 0:
-                del self.loads[tenant]
+            _decrement(self.loads, tenant)
 
     def release(self, request: InFlightRequest) -> None:
         """The scheduler is done with ``request`` (it holds nothing on the shards): its adapter reference and
@@ -60,3 +56,10 @@ class RequestLedger:
         if request.params.adapter_id:
             self._registry.release(request.params.adapter_id)
         self.leave(request.tenant)
+
+
+def _decrement(counts: Counter[str], key: str) -> None:
+    """One less for ``key``; a key at zero leaves, so the counters list only tenants with something held."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
