@@ -29,6 +29,8 @@ class EndEvent:
     prefill: list[TokenInfo]
     tokens: list[TokenInfo]
     top_tokens: list[list[TokenInfo]]
+    # Prompt tokens whose KV came from the shards' prefix cache (OpenAI's usage.prompt_tokens_details).
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class InFlightRequest:
     last_token_at: float = 0.0
     tenant: str = ""  # the name of the API key's tenant ("" without tenancy)
     preemptions: int = 0  # times its KV blocks were taken back for older requests (it was recomputed)
+    cached_tokens: int = 0  # prompt tokens the shards found in their prefix cache (first prefill's count)
 
     @property
     def prompt_ids(self) -> list[int]:

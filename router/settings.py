@@ -22,6 +22,8 @@ class RouterSettings:
     max_input_tokens: int = 1024
     max_total_tokens: int = 2048
     max_batch_prefill_tokens: int = 4096
+    # Prompt tokens one step runs beside its decodes (chunked prefill); 0: whole prompts, no chunking.
+    prefill_chunk_tokens: int = 256
     max_batch_total_tokens: int = MAX_BATCH_TOTAL_TOKENS
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
@@ -47,6 +49,13 @@ def add_serving_flags(p: FlagParser) -> None:
     p.flag("--max-input-tokens", type=int, default=d.max_input_tokens)
     p.flag("--max-total-tokens", type=int, default=d.max_total_tokens)
     p.flag("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens)
+    p.flag(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=d.prefill_chunk_tokens,
+        help="prompt tokens a step runs beside its decodes (chunked prefill, at most --max-batch-prefill-tokens); "
+        "0: whole prompts",
+    )
     p.flag("--max-batch-total-tokens", type=int, default=d.max_batch_total_tokens)
     p.flag("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
     p.flag("--max-stop-sequences", type=int, default=d.max_stop_sequences)
@@ -126,6 +135,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RouterSettings:
         problems.append("--max-batch-total-tokens must be at least --max-total-tokens")
     if min(s.max_concurrent_requests, s.max_batch_size, s.max_input_tokens) < 1:
         problems.append("limits must be positive")
+    if s.prefill_chunk_tokens < 0:
+        problems.append("--prefill-chunk-tokens must be 0 (no chunking) or positive")
     if min(s.max_concurrent_requests_per_tenant, s.max_adapter_loads_per_tenant) < 0:
         problems.append("per-tenant limits must be 0 (no limit) or positive")
     if s.connect_timeout <= 0:

@@ -47,4 +47,5 @@ def end_event(e: InFlightRequest, reason: str) -> EndEvent:
         prefill=e.prefill,
         tokens=e.tokens,
         top_tokens=e.top_tokens,
+        cached_tokens=e.cached_tokens,
     )

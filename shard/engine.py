@@ -87,7 +87,9 @@ class ShardEngine:
             entries = [
                 _CachedRequest(
                     SequenceState(r.request_id, list(r.input_ids), a),
-                    TokenChooser(r.sampling, r.top_n_tokens, self.runner.model.config.eos_token_ids),
+                    TokenChooser(
+                        r.sampling, r.top_n_tokens, self.runner.model.config.eos_token_ids, self.runner.model.device
+                    ),
                 )
                 for r, a in zip(requests, adapters, strict=True)
             ]
@@ -99,7 +101,8 @@ class ShardEngine:
                 if want_prefill:
                     logits, details = _prefill_details(requests, logits)
                 for r, e in zip(requests, entries, strict=True):
-                    resume_sampler(e.chooser, r.generated_tokens, logits.shape[-1])
+                    if r.generated_tokens:
+                        e.chooser.resume(r.input_ids[-r.generated_tokens :], logits.shape[-1])
                 gens = self._choose(entries, logits)
             except BaseException:
                 for s in seqs:
@@ -172,21 +175,6 @@ class ShardEngine:
         for e, c in zip(entries, choices, strict=True):
             e.seq.token_ids.append(c.token_id)
         return [Generation(e.seq.request_id, c) for e, c in zip(entries, choices, strict=True)]
-
-
-def resume_sampler(chooser: TokenChooser, generated: int, vocab_size: int) -> None:
-    """Put a fresh sampler where it would be after choosing ``generated`` tokens (its min_tokens count, its
-    seeded generator's draws): a preempted request's recomputation then chooses what it would have chosen
-    uninterrupted. ``torch.multinomial`` takes the same generator state whatever the probabilities are
-    (``tests/shard/test_preemption_sampling.py``)."""
-    if generated <= 0:
-        return
-    chooser.generated += generated
-    if chooser.generator is None:
-        return
-    uniform = torch.ones(vocab_size)
-    for _ in range(generated):
-        torch.multinomial(uniform, 1, generator=chooser.generator)
 
 
 def _prefill_details(

@@ -31,14 +31,32 @@ class TokenChooser:
     tokens have been (vLLM's min_tokens), so the answer is never cut short by an early EOS.
     """
 
-    def __init__(self, params: SamplingParams, top_n: int = 0, eos_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        top_n: int = 0,
+        eos_ids: Iterable[int] = (),
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.params = params
         self.top_n = top_n
         self.eos_ids = sorted(set(eos_ids))
         self.generated = 0  # tokens chosen so far (the prefill's included)
         self.generator: torch.Generator | None = None
-        if params.sampling:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        if params.sampling:  # on the logits' device: torch.multinomial refuses a generator of another device
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    def resume(self, generated_ids: Sequence[int], vocab_size: int) -> None:
+        """Put a fresh sampler where it would be after choosing ``generated_ids`` (its min_tokens count, its
+        seeded generator's draws): a preempted request's recomputation then chooses what it would have chosen
+        uninterrupted. ``torch.multinomial`` takes the same generator state whatever the probabilities are
+        (``tests/shard/test_preemption_sampling.py``)."""
+        self.generated += len(generated_ids)
+        if self.generator is None:
+            return
+        uniform = torch.ones(vocab_size, device=self.generator.device)
+        for _ in generated_ids:
+            torch.multinomial(uniform, 1, generator=self.generator)
 
     @property
     def holds_eos(self) -> bool:
@@ -106,7 +124,7 @@ class TokenChooser:
             scores[order[drop]] = -float("inf")
         probs = scores.softmax(-1)
         if not bool(torch.isfinite(probs).all()):  # no finite score was left: nothing to draw from
-            # The draw is still taken: a resumed sampler (engine.resume_sampler) counts one per token.
+            # The draw is still taken: a resumed sampler (TokenChooser.resume) counts one per token.
             torch.multinomial(torch.ones_like(probs), 1, generator=self.generator)
             return int(logits.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -24,6 +24,11 @@ def shard_parser() -> FlagParser:
     p.flag("--device", default="cpu", help="cpu or cuda[:N]")
     p.flag("--max-batch-total-tokens", type=int, default=MAX_BATCH_TOTAL_TOKENS, help="KV cache size in tokens")
     p.flag("--block-size", env="KV_BLOCK_SIZE", type=int, default=16)
+    p.flag(
+        "--no-prefix-caching",
+        action="store_true",
+        help="never reuse the KV blocks of a prompt prefix seen before (on by default, per adapter)",
+    )
     p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
     p.flag(
         "--adapter-dirs",

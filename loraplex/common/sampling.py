@@ -20,6 +20,9 @@ class SamplingParams:
     seed: int = 0
     # Until this many tokens are generated the shard masks the EOS ids (vLLM's min_tokens); 0: no floor.
     min_tokens: int = 0
+    # Structured output: "" (none), "json" (grammar: a JSON Schema) or "regex" (grammar: a pattern).
+    grammar_type: str = ""
+    grammar: str = ""
 
     @property
     def sampling(self) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.shard.engine import NewRequest, ShardEngine, resume_sampler
+from loraplex.shard.engine import NewRequest, ShardEngine
 from loraplex.shard.kv_cache import KVCacheFull
 from loraplex.shard.sampling import SamplingParams, TokenChooser
 
@@ -19,12 +19,12 @@ def test_skipped_draws_leave_a_sampler_where_drawing_would_have() -> None:
     first = TokenChooser(SEEDED)
     drawn = [first.choose(first.process(r, [])) for r in rows]
     again = TokenChooser(SEEDED)
-    resume_sampler(again, 3, 64)  # the probabilities of the skipped draws do not matter
+    again.resume([5, 6, 7], 64)  # the probabilities of the skipped draws do not matter
     assert [again.choose(again.process(r, [])) for r in rows[3:]] == drawn[3:]
     greedy = TokenChooser(SamplingParams(min_tokens=5), eos_ids=[2])
-    resume_sampler(greedy, 3, 64)  # no generator to advance, but min_tokens counts the 3 tokens
+    greedy.resume([5, 6, 7], 64)  # no generator to advance, but min_tokens counts the 3 tokens
     assert greedy.generator is None and greedy.generated == 3 and greedy.holds_eos
-    resume_sampler(greedy, 2, 64)
+    greedy.resume([8, 9], 64)
     assert not greedy.holds_eos
 
 
