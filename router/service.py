@@ -82,6 +82,9 @@ class RouterService:
 
     async def run(self) -> None:
         """The batching loop; runs for the life of the server."""
+        m, model = self._scheduler.metrics, self.model
+        m.adapter_names.limit = self.settings.metrics_top_adapters
+        m.cache_configured(model.kv_block_size, model.kv_blocks, model.prefix_caching)
         await self._scheduler.run()
 
     def info(self) -> ServerInfo:
@@ -102,6 +105,7 @@ class RouterService:
             version=__version__,
             kv_block_size=m.kv_block_size,
             kv_blocks=m.kv_blocks,
+            prefix_caching=m.prefix_caching,
         )
 
     async def health(self) -> Health:
@@ -119,14 +123,17 @@ class RouterService:
     async def render_metrics(self) -> bytes:
         """Prometheus text, with the shards' KV use and adapter tiers as last read: at most every
         KV_READ_INTERVAL_S and ADAPTER_READ_INTERVAL_S, or once the router loaded or unloaded an adapter
-        since (which a scrape cannot cause), so a burst of scrapes costs the shards one read."""
+        since (which a scrape cannot cause), so a burst of scrapes costs the shards one read. What the router
+        itself knows (queue, batch, adapters held and awaited) is read at every scrape."""
         m = self._scheduler.metrics
         async with self._metrics_lock:  # concurrent scrapes wait for one read rather than each making one
+            with contextlib.suppress(Exception):  # metrics stay readable whatever a stand-in scheduler lacks
+                self._router_gauges()
             try:
                 if time.monotonic() - self._kv_read_at >= KV_READ_INTERVAL_S:
                     self._kv_read_at = time.monotonic()
                     health = await self._scheduler.shards.health(timeout=2.0)
-                    m.kv_blocks_used.set(health.kv_blocks_used)
+                    self._shard_gauges(health)
                 held = set(self._registry.loaded)
                 if (
                     time.monotonic() - self._adapters_read_at >= ADAPTER_READ_INTERVAL_S
@@ -137,12 +144,39 @@ class RouterService:
                     m.adapter_tier.clear()
                     if m.adapter_ids:
                         for a in loaded:
-                            m.adapter_tier.labels(a.id, a.tier).set(1)
+                            if a.id in m.adapter_names.named:  # bounded like every per-adapter series
+                                m.adapter_tier.labels(a.id, a.tier).set(1)
                     for tier in ("host", "device"):
                         m.adapters_loaded.labels(tier).set(sum(a.tier == tier for a in loaded))
             except Exception:
                 pass  # metrics stay readable when shards are down
         return m.render()
+
+    def _shard_gauges(self, health: Any) -> None:
+        """KV use (as the count and as the fraction of the shards' blocks) and the prefix cache's counters."""
+        m = self._scheduler.metrics
+        m.kv_blocks_used.set(health.kv_blocks_used)
+        blocks = health.kv_blocks_used + health.kv_blocks_free
+        m.kv_usage.set(health.kv_blocks_used / blocks if blocks else 0.0)
+        m.prefix_queries.update(health.prefix_queried_tokens)
+        m.prefix_hits.update(health.prefix_hit_tokens)
+        m.prefix_cached_blocks.set(health.prefix_cached_blocks)
+
+    def _router_gauges(self) -> None:
+        """The queue, the batch and the LoRA info gauge, as they are now (docs/metrics.md).
+
+        ``running_lora_adapters``: the adapters this replica holds in memory (device or host, most recently
+        used first); a request for one starts without reading its files. ``waiting_lora_adapters``: adapters
+        of requests waiting, for their load from disk or in the queue. A gateway's LoRA-affinity picker sends
+        an adapter's requests where it is listed, so it is loaded on one replica, not on every one."""
+        scheduler, registry, m = self._scheduler, self._registry, self._scheduler.metrics
+        m.requests_waiting.set(len(scheduler.waiting))
+        m.requests_running.set(len(scheduler.running))
+        loaded = registry.loaded
+        running = sorted(loaded, key=loaded.__getitem__, reverse=True)
+        waiting = dict.fromkeys(a for a in registry.refs if a not in loaded)  # being loaded (ordered, unique)
+        waiting.update(dict.fromkeys(e.params.adapter_id for e in scheduler.waiting if e.params.adapter_id))
+        m.lora_state(min(scheduler.adapter_slots, registry.capacity), running, waiting)
 
     async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """``work`` in a tokenizer thread: a long prompt or template never stalls the streams being served."""
@@ -192,7 +226,9 @@ class RouterService:
         except BaseException:
             self._ledger.leave(name)
             raise
-        self._scheduler.metrics.adapter_requests.labels(params.adapter_id or "base").inc()
+        metrics = self._scheduler.metrics
+        metrics.adapter_names.requested(params.adapter_id or "base")  # before labelling: it may name the adapter
+        metrics.adapter_requests.labels(params.adapter_id or "base").inc()
         return request
 
     async def _queue(self, inputs: str, params: GenerateParameters, tenant: str) -> InFlightRequest:

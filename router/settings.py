@@ -40,6 +40,8 @@ class RouterSettings:
     max_concurrent_requests_per_tenant: int = 0  # 0: no limit but --max-concurrent-requests
     max_adapter_loads_per_tenant: int = 0
     metrics_adapter_labels: bool = False
+    # Adapters with series of their own in /metrics (the most requested); the rest count as ``other``.
+    metrics_top_adapters: int = 100
     json_output: bool = False
 
 
@@ -97,6 +99,12 @@ def add_serving_flags(p: FlagParser) -> None:
         action="store_true",
         help="name adapters in /metrics even with --api-keys-file (/metrics is open: ids are hidden by default)",
     )
+    p.flag(
+        "--metrics-top-adapters",
+        type=int,
+        default=d.metrics_top_adapters,
+        help="adapters named in /metrics' per-adapter series (the most requested); the rest count as `other`",
+    )
     p.flag("--json-output", action="store_true")
 
 
@@ -139,6 +147,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RouterSettings:
         problems.append("--prefill-chunk-tokens must be 0 (no chunking) or positive")
     if min(s.max_concurrent_requests_per_tenant, s.max_adapter_loads_per_tenant) < 0:
         problems.append("per-tenant limits must be 0 (no limit) or positive")
+    if s.metrics_top_adapters < 0:
+        problems.append("--metrics-top-adapters must be 0 (every adapter is `other`) or positive")
     if s.connect_timeout <= 0:
         problems.append("--connect-timeout must be positive")
     if not s.shard_uds:

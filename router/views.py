@@ -15,6 +15,7 @@ class ModelInfo:
     num_shard: int
     kv_block_size: int = 0  # the shards' KV blocks the router admits into (0: not reported)
     kv_blocks: int = 0
+    prefix_caching: bool = False  # the shards reuse the KV blocks of a prefix seen before (per adapter)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class ServerInfo:
     # The KV cache in the shards' blocks; max_batch_total_tokens is the same budget in tokens.
     kv_block_size: int
     kv_blocks: int
+    # Full KV blocks of a prompt prefix seen before are reused (per adapter); a gateway's prefix-aware
+    # routing matches prefixes in kv_block_size-token units.
+    prefix_caching: bool
 
 
 @dataclass(frozen=True)
