@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from loraplex.router.detokenize import TextStream
 from loraplex.router.events import EndEvent, Event, TokenInfo
 from loraplex.router.validation import GenerateParameters
 
@@ -27,7 +28,7 @@ class InFlightRequest:
     tokens: list[TokenInfo] = field(default_factory=list)
     top_tokens: list[list[TokenInfo]] = field(default_factory=list)
     prefill: list[TokenInfo] = field(default_factory=list)
-    text: str = ""
+    stream: TextStream = field(default_factory=TextStream)  # the generated text, grown token by token
     cancelled: bool = False
     finished: bool = False
     released: bool = False
@@ -37,6 +38,11 @@ class InFlightRequest:
     tenant: str = ""  # the name of the API key's tenant ("" without tenancy)
     preemptions: int = 0  # times its KV blocks were taken back for older requests (it was recomputed)
     cached_tokens: int = 0  # prompt tokens the shards found in their prefix cache (first prefill's count)
+    prompt_left: int = 0  # chunked prefill: prompt tokens not sent to the shards yet (0 once all are)
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
 
     @property
     def prompt_ids(self) -> list[int]:

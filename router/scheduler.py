@@ -115,15 +115,19 @@ class Scheduler:
     async def _step(self) -> None:
         while self.waiting and self.waiting[0].cancelled:
             self._finish(self.waiting.popleft(), None)
-        batch = self._admit()
-        if batch:
-            await self._prefill(batch)
-        if self.running:
-            await self._decode()
+        chunk = min(self.settings.prefill_chunk_tokens, self.settings.max_batch_prefill_tokens)
+        if chunk:
+            await self._chunked_step(chunk)
+        else:  # TGI's schedule: whole prompts in a prefill pass of their own, then a decode pass
+            batch = list(self._admit())
+            if batch:
+                await self._prefill(batch)
+            if self.running:
+                await self._decode()
         self.metrics.queue_size.set(len(self.waiting))
         self.metrics.running_requests.set(len(self.running))
 
-    def _admit(self) -> list[InFlightRequest]:
+    def _admit(self, budget: int | None = None, chunked: bool = False) -> dict[InFlightRequest, int]:
         """Take waiting requests in arrival order while the token budgets and adapter slots allow.
 
         A request whose adapter is not on the device needs a free slot (``--max-active-adapters``);
@@ -131,13 +135,17 @@ class Scheduler:
         overtake a slot-needer only while it has waited less than ``--adapter-slot-patience`` seconds;
         after that nothing overtakes it, the running adapters drain, and it gets the first free slot.
         So no adapter starves, and a crowd of cold adapters cannot evict the ones in use (no thrash).
+
+        Returns each admitted request with the prompt tokens it runs in this step: all of them, or with
+        ``chunked`` what is left of the step's ``budget`` (a request that wants prompt logprobs is never split).
         """
         s = self.settings
+        budget = s.max_batch_prefill_tokens if budget is None else budget
         now = time.monotonic()
         kv = Admission(self.kv, (e.length for e in self.running.values()))
         active = {e.params.adapter_id for e in self.running.values() if e.params.adapter_id}
         prefill_tokens = 0
-        batch: list[InFlightRequest] = []
+        batch: dict[InFlightRequest, int] = {}
         kept: deque[InFlightRequest] = deque()
         blocked: InFlightRequest | None = None  # the oldest request waiting for an adapter slot
         while self.waiting:
@@ -147,8 +155,11 @@ class Scheduler:
                 continue
             # A preempted request's prompt holds its generated tokens too, and may pass the prefill budget:
             # alone in its batch it is taken anyway, or it would wait forever.
+            whole = not chunked or e.params.decoder_input_details
+            cost = e.length if whole else min(e.length, budget - prefill_tokens)
             if (
-                (batch and prefill_tokens + e.length > s.max_batch_prefill_tokens)
+                (batch and prefill_tokens + cost > budget)
+                or cost <= 0
                 or (self._kv_hold and (self.running or batch))  # after a refusal: one at a time
                 or not kv.fits(e.length)
                 or len(self.running) + len(batch) >= s.max_batch_size
@@ -165,9 +176,9 @@ class Scheduler:
             elif blocked is not None and now - blocked.queued_at > s.adapter_slot_patience:
                 kept.append(e)
                 continue
-            batch.append(e)
-            prefill_tokens += e.length
-            kv.take(e.length)
+            batch[e] = cost
+            prefill_tokens += cost
+            kv.take(e.length)  # the whole prompt, chunked or not: the router's count stays an upper bound
         kept.extend(self.waiting)
         self.waiting = kept
         for e in batch:
@@ -180,61 +191,118 @@ class Scheduler:
                 self.metrics.longest_queue_wait.set(wait)
         return batch
 
-    async def _prefill(self, admitted: list[InFlightRequest]) -> None:
-        for e in admitted:  # running from now on, so that whatever fails from here reaches them too
-            self.running[e.id] = e
-        batch_id = next(self._ids)
+    def _messages(self, admitted: dict[InFlightRequest, int]) -> tuple[list[InFlightRequest], list[pb.Request]]:
+        """The admitted requests' shard messages (running from now on, so that whatever fails reaches them)."""
         entries, messages = [], []
-        for e in admitted:
+        for e, cost in admitted.items():
+            self.running[e.id] = e
             try:
-                messages.append(shard_requests.shard_request(e))
+                messages.append(shard_requests.shard_request(e, cost if cost < e.length else 0))
             except Exception as exc:  # a field the shard's message cannot hold: this request alone fails
                 log.warning("request cannot be sent to the shards", extra={"request": e.id, "error": repr(exc)})
                 del self.running[e.id]
                 self._finish(e, ErrorEvent("generation failed: the request cannot be sent to the shards"))
                 continue
+            e.prompt_left = e.length
             entries.append(e)
+        return entries, messages
+
+    async def _prefill(self, admitted: list[InFlightRequest]) -> None:
+        entries, messages = self._messages(dict.fromkeys(admitted, 0))
         if not entries:
             return
+        batch_id = next(self._ids)
         self.metrics.batch_size.observe(len(entries))
         try:
             with self.metrics.forward_duration.labels("prefill").time():
                 resp = await self.shards.prefill(pb.Batch(id=batch_id, requests=messages))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise  # a shard is gone or stuck: everyone in flight is affected
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(self.running) > 1:
-                # The shards hold less than our count says: these wait, first in line, until a request ends
-                # (or, with nothing running, go one at a time: a lone request always fits).
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self.shards.clear(batch_id)
-                self._requeue(entries)
-                self._kv_hold = True
-                return
-            # This batch alone failed (the shards release what it had taken): only its requests get the
-            # error. A rank that did cache it (tensor parallelism) drops it too.
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.shards.clear(batch_id)
-            kind = "adapter_not_found" if exc.code() == grpc.StatusCode.NOT_FOUND else "generation"
-            message = exc.details() or "prefill failed"
-            if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                log.error("prefill failed", extra={"code": exc.code().name, "details": message})
-                message = f"generation failed: {exc.code().name}"
-            for e in entries:
-                del self.running[e.id]
-                self._finish(e, ErrorEvent(message, kind))
+            await self._new_batch_failed(exc, batch_id, entries)
             return
+        for e in entries:
+            e.prompt_left = 0
         self.members[batch_id] = [e.id for e in entries]
         self._handle(resp.generations)
         await self._filter()
+
+    async def _new_batch_failed(self, exc: grpc.aio.AioRpcError, batch_id: int, entries: list[InFlightRequest]) -> None:
+        """A step with new requests failed; the shards changed nothing. Their requests wait or fail, alone."""
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise exc  # a shard is gone or stuck: everyone in flight is affected
+        with contextlib.suppress(grpc.aio.AioRpcError):  # a rank that did cache the batch (TP) drops it too
+            await self.shards.clear(batch_id)
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(self.running) > 1:
+            # The shards hold less than our count says: these wait, first in line, until a request ends
+            # (or, with nothing running, go one at a time: a lone request always fits).
+            self._requeue(entries)
+            self._kv_hold = True
+            return
+        kind = "adapter_not_found" if exc.code() == grpc.StatusCode.NOT_FOUND else "generation"
+        message = exc.details() or "prefill failed"
+        if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            log.error("prefill failed", extra={"code": exc.code().name, "details": message})
+            message = f"generation failed: {exc.code().name}"
+        for e in entries:
+            del self.running[e.id]
+            self._finish(e, ErrorEvent(message, kind))
+
+    async def _chunked_step(self, chunk: int) -> None:
+        """One pass (vLLM's chunked prefill): every decode, plus at most ``chunk`` prompt tokens — the prompts
+        under way first, oldest first, then new requests' first chunks — so that no decode waits for more than
+        one chunk of anyone's prompt."""
+        await self._filter()
+        await self._make_room()
+        chunks: dict[int, int] = {}
+        for rid in sorted(r for r, e in self.running.items() if e.prompt_left):
+            if chunk <= 0:
+                break
+            chunks[rid] = min(self.running[rid].prompt_left, chunk)
+            chunk -= chunks[rid]
+        admitted = self._admit(chunk, chunked=True) if chunk > 0 else {}
+        entries, messages = self._messages(admitted)
+        if not entries and not self.members:
+            return
+        batch_id = next(self._ids)
+        new_batch = pb.Batch(id=batch_id, requests=messages) if entries else None
+        ids = list(self.members)
+        self.metrics.batch_size.observe(len(self.running))
+        kind = "prefill" if not ids else ("decode" if not entries and not chunks else "mixed")
+        try:
+            with self.metrics.forward_duration.labels(kind).time():
+                if ids:
+                    cached = [pb.CachedBatch(id=b, request_ids=self.members[b]) for b in ids]
+                    resp = await self.shards.decode(cached, new_batch, chunks)
+                else:
+                    prefill = await self.shards.prefill(new_batch or pb.Batch(id=batch_id))
+                    resp = pb.DecodeResponse(generations=prefill.generations, batch=prefill.batch)
+        except grpc.aio.AioRpcError as exc:
+            if entries:
+                await self._new_batch_failed(exc, batch_id, entries)
+            elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                await self._decode_refused(exc)
+            else:
+                raise
+            return
+        for rid, n in chunks.items():
+            self.running[rid].prompt_left -= n
+        for e in entries:
+            e.prompt_left -= admitted[e]
+        merged = [r for b in ids for r in self.members.pop(b)] + [e.id for e in entries]
+        self.members[resp.batch.id] = merged
+        self._handle(resp.generations)
+        await self._filter()
+
+    async def _make_room(self) -> None:
+        """Growth outruns the cache: the newest give their blocks back and are recomputed later."""
+        victims = self.kv.victims([(r, self.running[r].length) for m in self.members.values() for r in m])
+        if victims:
+            await self._preempt([self.running[r] for r in victims])
 
     async def _decode(self) -> None:
         await self._filter()  # cancelled requests leave before the step, not after
         if not self.members:
             return
-        victims = self.kv.victims([(r, self.running[r].length) for m in self.members.values() for r in m])
-        if victims:  # growth outruns the cache: the newest give their blocks back and are recomputed later
-            await self._preempt([self.running[r] for r in victims])
+        await self._make_room()
         ids = list(self.members)
         self.metrics.batch_size.observe(len(self.running))
         try:
@@ -321,6 +389,9 @@ class Scheduler:
         """One generated token of ``e``: its text, its event, and whether it ends the request."""
         if g.prefill_tokens:
             e.prefill = [self._info(t.id, t.logprob) for t in g.prefill_tokens]
+        e.prompt_left = 0  # a token means its prompt has all run (the shards may have found some of it cached)
+        if not e.generated and not e.cached_tokens:
+            e.cached_tokens = g.cached_tokens
         if e.generated:
             self.metrics.inter_token_latency.observe(now - e.last_token_at)
         else:
@@ -328,20 +399,19 @@ class Scheduler:
         e.last_token_at = now
         token = self._info(g.token.id, g.token.logprob)
         e.generated.append(token.id)
-        if not token.special:
-            text = self.tokenizer.decode(e.generated)
-            if not text.endswith("\ufffd"):  # a character split across tokens: wait for its end
-                token = TokenInfo(token.id, text[len(e.text) :], token.logprob, token.special)
-                e.text = text
-            else:
-                token = TokenInfo(token.id, "", token.logprob, token.special)
+        if not token.special:  # its text is what it completes (nothing while a character is split across tokens)
+            token = TokenInfo(token.id, e.stream.push(self.tokenizer, token.id), token.logprob, token.special)
+        reason = shard_requests.finish_reason(e, token, self.eos_ids)
+        if reason:  # a character left incomplete at the end is text too, as decoding everything gives it
+            rest = e.stream.finish(self.tokenizer)
+            if rest and not token.special:  # after a special token it is in generated_text only
+                token = TokenInfo(token.id, token.text + rest, token.logprob, token.special)
         tops = [self._info(t.id, t.logprob) for t in g.top_tokens]
         e.tokens.append(token)
         e.top_tokens.append(tops)
         e.events.put_nowait(TokenEvent(len(e.tokens), token, tops))
         self.metrics.output_tokens.inc()
         self.metrics.adapter_tokens.labels(e.params.adapter_id or "base").inc()
-        reason = shard_requests.finish_reason(e, token, self.eos_ids)
         if reason:
             self._finish(e, shard_requests.end_event(e, reason))
 

@@ -8,9 +8,11 @@ from loraplex.router.events import EndEvent, TokenInfo
 from loraplex.router.inflight import InFlightRequest
 
 
-def shard_request(e: InFlightRequest) -> pb.Request:
-    """The request as the shards take it; raises (ValueError, TypeError) when a field does not fit its message."""
+def shard_request(e: InFlightRequest, chunk: int = 0) -> pb.Request:
+    """The request as the shards take it, its first ``chunk`` prompt tokens to run now (0: all of them); raises
+    (ValueError, TypeError) when a field does not fit its message."""
     return pb.Request(
+        prefill_chunk=chunk,
         id=e.id,
         input_ids=e.prompt_ids,
         adapter_id=e.params.adapter_id,
@@ -31,7 +33,7 @@ def finish_reason(e: InFlightRequest, token: TokenInfo, eos_ids: set[int]) -> st
     fresh = 0 if token.special else len(token.text)
     if token.id in eos_ids and not e.params.ignore_eos and len(e.generated) > e.params.min_tokens:
         return "eos_token"
-    if not early and any(s in e.text[max(0, len(e.text) - fresh - len(s) + 1) :] for s in e.params.stop):
+    if not early and any(s in e.stream.recent(fresh + len(s) - 1) for s in e.params.stop):
         return "stop_sequence"
     if len(e.generated) >= e.max_new_tokens:
         return "length"

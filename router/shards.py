@@ -41,8 +41,15 @@ class ShardClients:
     async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
         return await self._all(lambda s: s.Prefill(pb.PrefillRequest(batch=batch)))
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> pb.DecodeResponse:
-        return await self._all(lambda s: s.Decode(pb.DecodeRequest(batches=list(batches))))
+    async def decode(
+        self,
+        batches: Sequence[pb.CachedBatch],
+        new_batch: pb.Batch | None = None,
+        chunks: dict[int, int] | None = None,
+    ) -> pb.DecodeResponse:
+        """One step: every cached request's next token or prompt chunk (``chunks``), and ``new_batch`` joining."""
+        req = pb.DecodeRequest(batches=list(batches), new_batch=new_batch, chunks=chunks or {})
+        return await self._all(lambda s: s.Decode(req))
 
     async def filter(self, batch_id: int, keep: Sequence[int]) -> pb.FilterBatchResponse:
         return await self._all(lambda s: s.FilterBatch(pb.FilterBatchRequest(batch_id=batch_id, request_ids=keep)))

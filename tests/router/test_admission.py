@@ -45,7 +45,7 @@ def _run(fn: Any) -> Any:
 def test_requests_for_running_adapters_overtake_a_fresh_slot_waiter() -> None:
     waiting = [_entry("c"), _entry("a"), _entry("d"), _entry("a"), _entry("")]
     scheduler = _run(lambda: _scheduler(["a", "b"], waiting))
-    admitted = [e.params.adapter_id for e in scheduler._admit()]
+    admitted = [e.params.adapter_id for e in list(scheduler._admit())]
     assert admitted == ["a", "a", ""]  # base rows need no slot; c and d wait for one, in order
     assert [e.params.adapter_id for e in scheduler.waiting] == ["c", "d"]
 
@@ -53,13 +53,13 @@ def test_requests_for_running_adapters_overtake_a_fresh_slot_waiter() -> None:
 def test_nothing_overtakes_a_waiter_past_its_patience() -> None:
     waiting = [_entry("c", waited=5.0), _entry("a"), _entry("")]
     scheduler = _run(lambda: _scheduler(["a", "b"], waiting))
-    assert scheduler._admit() == []
+    assert list(scheduler._admit()) == []
     assert [e.params.adapter_id for e in scheduler.waiting] == ["c", "a", ""]
 
 
 def test_the_first_free_slot_goes_to_the_oldest_waiter() -> None:
     waiting = [_entry("c", waited=5.0), _entry("d"), _entry("a")]
     scheduler = _run(lambda: _scheduler(["a"], waiting))
-    admitted = [e.params.adapter_id for e in scheduler._admit()]
+    admitted = [e.params.adapter_id for e in list(scheduler._admit())]
     assert admitted == ["c", "a"]  # one slot was free: c takes it, d waits for the next
     assert [e.params.adapter_id for e in scheduler.waiting] == ["d"]

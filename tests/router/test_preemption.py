@@ -40,60 +40,84 @@ def _exhausted(details: str) -> grpc.aio.AioRpcError:
 
 
 class BookkeepingShard:
-    """A shard's cached batches and KV blocks, allocated as ``shard/runner.py`` does (a sequence of n tokens
-    holds ceil(n / block_size) blocks once run), refusing a whole step when blocks run out."""
+    """A shard's cached batches and KV blocks, allocated as ``shard/runner.py`` does (a sequence holds
+    ceil(tokens run / block_size) blocks), refusing a whole step when blocks run out. Prompts may run in chunks
+    (``prefill_chunk``, a step's ``chunks``): a request yields its first token in the step that ends its prompt."""
 
     def __init__(self, block_size: int, num_blocks: int) -> None:
         self.block_size, self.free = block_size, num_blocks
         self.batches: dict[int, list[int]] = {}
         self.seqs: dict[int, list[int]] = {}
+        self.prompt: dict[int, int] = {}  # prompt length
+        self.ran: dict[int, int] = {}  # tokens whose KV is cached
         self.held: dict[int, int] = {}
         self.refusals = 0
         self.preempted_prompts: dict[int, list[int]] = {}
+        self.steps: list[tuple[int, int]] = []  # per forward pass: (decode rows, prompt tokens run)
 
-    def _grow(self, ids: list[int]) -> None:
-        want = {r: -(-len(self.seqs[r]) // self.block_size) for r in ids}
-        if sum(want[r] - self.held[r] for r in ids) > self.free:
+    def _grow(self, runs: dict[int, int]) -> None:
+        want = {r: -(-(self.ran[r] + n) // self.block_size) for r, n in runs.items()}
+        if sum(want[r] - self.held[r] for r in runs) > self.free:
             self.refusals += 1
             raise _exhausted(f"need more KV blocks, {self.free} free")
-        for r in ids:
+        for r in runs:
             self.free -= want[r] - self.held[r]
             self.held[r] = want[r]
 
-    def _step(self, ids: list[int]) -> list[pb.Generation]:
+    def _step(self, runs: dict[int, int]) -> list[pb.Generation]:
+        decodes = sum(1 for r in runs if self.ran[r] >= self.prompt[r])
+        self.steps.append((decodes, sum(n for r, n in runs.items() if self.ran[r] < self.prompt[r])))
         out = []
-        for r in ids:
-            token = next_token(self.seqs[r])
-            self.seqs[r].append(token)
-            out.append(pb.Generation(request_id=r, token=pb.Token(id=token)))
+        for r, n in runs.items():
+            self.ran[r] += n
+            if self.ran[r] == len(self.seqs[r]):  # its prompt is all run, or its newest token is
+                token = next_token(self.seqs[r])
+                self.seqs[r].append(token)
+                out.append(pb.Generation(request_id=r, token=pb.Token(id=token)))
         return out
 
     def _free(self, r: int) -> None:
         self.free += self.held.pop(r)
-        del self.seqs[r]
+        del self.seqs[r], self.prompt[r], self.ran[r]
 
-    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
-        ids = [r.id for r in batch.requests]
+    def _add(self, batch: pb.Batch) -> dict[int, int]:
         for r in batch.requests:
             self.seqs[r.id], self.held[r.id] = list(r.input_ids), 0
+            self.prompt[r.id], self.ran[r.id] = len(r.input_ids), 0
             if r.generated_tokens:
                 self.preempted_prompts[r.id] = list(r.input_ids)
+        return {r.id: r.prefill_chunk or len(r.input_ids) for r in batch.requests}
+
+    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
+        runs = self._add(batch)
         try:
-            self._grow(ids)
+            self._grow(runs)
         except grpc.aio.AioRpcError:
-            for r in ids:
+            for r in runs:
                 self._free(r)
             raise
-        self.batches[batch.id] = ids
-        return pb.PrefillResponse(generations=self._step(ids), batch=pb.CachedBatch(id=batch.id, request_ids=ids))
+        self.batches[batch.id] = list(runs)
+        gens = self._step(runs)
+        return pb.PrefillResponse(generations=gens, batch=pb.CachedBatch(id=batch.id, request_ids=list(runs)))
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> pb.DecodeResponse:
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], new_batch: pb.Batch | None = None, chunks: dict[int, int] | None = None
+    ) -> pb.DecodeResponse:
         ids = [r for b in batches for r in self.batches[b.id]]
-        self._grow(ids)  # refused before anything changes, as the real engine does
+        runs = {r: 1 if self.ran[r] >= self.prompt[r] else (chunks or {}).get(r, 0) for r in ids}
+        runs = {r: n for r, n in runs.items() if n}
+        added = self._add(new_batch) if new_batch is not None and new_batch.requests else {}
+        try:
+            self._grow(runs | added)  # refused before anything changes, as the real engine does
+        except grpc.aio.AioRpcError:
+            for r in added:
+                self._free(r)
+            raise
         for b in batches[1:]:
             del self.batches[b.id]
-        self.batches[batches[0].id] = ids
-        return pb.DecodeResponse(generations=self._step(ids), batch=pb.CachedBatch(id=batches[0].id, request_ids=ids))
+        self.batches[batches[0].id] = ids + list(added)
+        gens = self._step(runs | added)
+        return pb.DecodeResponse(generations=gens, batch=pb.CachedBatch(id=batches[0].id, request_ids=ids + list(added)))
 
     async def filter(self, batch_id: int, keep: Sequence[int]) -> None:
         for r in self.batches[batch_id]:
@@ -112,16 +136,16 @@ TOKENIZER = SimpleNamespace(
 )
 
 
-def _request(prompt: list[int], max_new: int) -> InFlightRequest:
-    return InFlightRequest(prompt, validate_parameters({"max_new_tokens": max_new}, SETTINGS), max_new)
+def _request(prompt: list[int], max_new: int, settings: RouterSettings = SETTINGS) -> InFlightRequest:
+    return InFlightRequest(prompt, validate_parameters({"max_new_tokens": max_new}, settings), max_new)
 
 
 async def _serve(
-    shard: BookkeepingShard, kv: KvBudget, jobs: list[tuple[list[int], int]]
+    shard: BookkeepingShard, kv: KvBudget, jobs: list[tuple[list[int], int]], settings: RouterSettings = SETTINGS
 ) -> tuple[list[InFlightRequest], list[list[int]], list[EndEvent | ErrorEvent]]:
-    scheduler = Scheduler(shard, TOKENIZER, SETTINGS, set(), Metrics(), kv=kv)  # type: ignore[arg-type]
+    scheduler = Scheduler(shard, TOKENIZER, settings, set(), Metrics(), kv=kv)  # type: ignore[arg-type]
     loop = asyncio.ensure_future(scheduler.run())
-    requests = [_request(p, n) for p, n in jobs]
+    requests = [_request(p, n, settings) for p, n in jobs]
     for r in requests:
         scheduler.submit(r)
     streamed: list[list[int]] = []
@@ -216,7 +240,7 @@ def test_admission_is_in_blocks_and_lets_a_long_preempted_prompt_in_alone() -> N
     preempted = _request([1] * 8, 30)
     preempted.generated = [2] * 12  # 20 tokens now: over the prefill budget, but alone in its batch
     scheduler.waiting.extend([preempted, _request([3] * 7, 4), _request([4] * 8, 4)])
-    assert scheduler._admit() == [preempted]  # 3 blocks; the next prompt would pass the prefill budget
+    assert list(scheduler._admit()) == [preempted]  # 3 blocks; the next prompt would pass the prefill budget
     scheduler.running[preempted.id] = preempted
-    batch = scheduler._admit()
+    batch = list(scheduler._admit())
     assert [len(e.input_ids) for e in batch] == [7]  # 3 + 1 blocks; 8 + 1 tokens would need 2 more
