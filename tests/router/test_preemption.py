@@ -115,9 +115,10 @@ class BookkeepingShard:
             raise
         for b in batches[1:]:
             del self.batches[b.id]
-        self.batches[batches[0].id] = ids + list(added)
+        merged = ids + list(added)
+        self.batches[batches[0].id] = merged
         gens = self._step(runs | added)
-        return pb.DecodeResponse(generations=gens, batch=pb.CachedBatch(id=batches[0].id, request_ids=ids + list(added)))
+        return pb.DecodeResponse(generations=gens, batch=pb.CachedBatch(id=batches[0].id, request_ids=merged))
 
     async def filter(self, batch_id: int, keep: Sequence[int]) -> None:
         for r in self.batches[batch_id]:
