@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: packed ragged prefill and one-token-per-sequence decode."""
+"""Attention over the paged KV cache: packed ragged prefill, one-token decode, and new tokens after cached ones."""
 
 from __future__ import annotations
 
@@ -8,6 +8,22 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.shard.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class ContextGroup:
+    """Sequences of a step whose new tokens also attend to keys already in the cache (read by block table).
+
+    ``queries`` new tokens at most per sequence; with one, the group runs as decode does. Query j of a
+    sequence sits at position ``start + j`` and may see keys ``[0, start + j]`` (``key_mask``, which also
+    keeps a sliding window); padded query slots copy the last real one's mask and are dropped.
+    """
+
+    token_index: torch.Tensor | None  # packed rows of this group's tokens; None: every token of the step
+    block_tables: torch.Tensor  # [batch, max_blocks]
+    key_mask: torch.Tensor  # [batch, 1, queries, max_blocks * block_size], True = attend
+    queries: int
+    pad_index: torch.Tensor | None = None  # [group tokens] -> row in [batch * queries]; None: no padding
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,9 @@ class AttentionInput:
     block_tables: torch.Tensor | None = None  # decode: [batch, max_blocks]
     key_mask: torch.Tensor | None = None  # decode: [batch, 1, 1, max_blocks * block_size], True = attend
     sliding_window: int | None = None
+    # Steps where some sequence has cached keys before its new tokens (a cached prefix, an earlier chunk)
+    # and it is not a decode-only step: every token goes through one of these groups instead.
+    context: tuple[ContextGroup, ...] = ()
 
     @property
     def max_len(self) -> int:
@@ -40,8 +59,46 @@ def attention(
 ) -> torch.Tensor:
     """Store this step's k/v in the cache and attend; q [T, heads, dim] → [T, heads * dim]."""
     cache.write(layer, meta.slot_blocks, meta.slot_offsets, k, v)
-    out = _prefill(q, k, v, meta) if meta.is_prefill else _decode(q, layer, cache, meta)
+    if meta.context:
+        out = _with_context(q, layer, cache, meta.context)
+    else:
+        out = _prefill(q, k, v, meta) if meta.is_prefill else _decode(q, layer, cache, meta)
     return out.reshape(q.shape[0], -1)
+
+
+def _with_context(q: torch.Tensor, layer: int, cache: KVCache, groups: tuple[ContextGroup, ...]) -> torch.Tensor:
+    out = torch.empty_like(q) if groups[0].token_index is not None else q
+    for g in groups:
+        gq = q if g.token_index is None else q.index_select(0, g.token_index)
+        if g.queries == 1:
+            res = _decode_rows(gq, layer, cache, g.block_tables, g.key_mask)
+        else:
+            res = _extend(gq, layer, cache, g)
+        if g.token_index is None:
+            return res
+        out[g.token_index] = res
+    return out
+
+
+def _extend(q: torch.Tensor, layer: int, cache: KVCache, g: ContextGroup) -> torch.Tensor:
+    """Several new tokens per sequence against all of its cached keys (the new ones were just written)."""
+    keys, values = cache.gather(layer, g.block_tables)  # [batch, keys, kv_heads, dim]
+    batch, heads, dim = keys.shape[0], q.shape[1], q.shape[2]
+    if g.pad_index is None:
+        padded = q.view(batch, g.queries, heads, dim)
+    else:
+        padded = q.new_zeros(batch * g.queries, heads, dim)
+        padded[g.pad_index] = q
+        padded = padded.view(batch, g.queries, heads, dim)
+    out = F.scaled_dot_product_attention(
+        padded.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=g.key_mask,
+        enable_gqa=heads != keys.shape[2],
+    )
+    out = out.transpose(1, 2).reshape(batch * g.queries, heads, dim)
+    return out if g.pad_index is None else out[g.pad_index]
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionInput) -> torch.Tensor:
@@ -68,13 +125,20 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionI
 
 def _decode(q: torch.Tensor, layer: int, cache: KVCache, meta: AttentionInput) -> torch.Tensor:
     assert meta.block_tables is not None and meta.key_mask is not None
-    keys, values = cache.gather(layer, meta.block_tables)  # [batch, keys, kv_heads, dim]
+    return _decode_rows(q, layer, cache, meta.block_tables, meta.key_mask)
+
+
+def _decode_rows(
+    q: torch.Tensor, layer: int, cache: KVCache, block_tables: torch.Tensor, key_mask: torch.Tensor
+) -> torch.Tensor:
+    """One new token per sequence against its cached keys; q [B, heads, dim] -> same shape."""
+    keys, values = cache.gather(layer, block_tables)  # [batch, keys, kv_heads, dim]
     if block_diagonal_pays(q, keys.shape[2]):
-        return decode_block_diagonal(q, keys, values, meta.key_mask)
+        return decode_block_diagonal(q, keys, values, key_mask)
     batch, kv_heads = keys.shape[0], keys.shape[2]
     # Query heads that share a KV head become that head's "query positions": no KV repetition needed.
     grouped = q.view(batch, kv_heads, q.shape[1] // kv_heads, q.shape[2])
-    out = F.scaled_dot_product_attention(grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.key_mask)
+    out = F.scaled_dot_product_attention(grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=key_mask)
     return out.reshape(batch, q.shape[1], q.shape[2])
 
 

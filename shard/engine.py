@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -28,6 +28,7 @@ class NewRequest:
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
     generated_tokens: int = 0  # the last ones of input_ids, generated before a preemption
+    prefill_chunk: int = 0  # prompt tokens to run in the first step, after the cached prefix (0: all)
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,34 @@ class Generation:
     request_id: int
     choice: Choice
     prefill: list[tuple[int, float]] | None = None  # prompt tokens and their logprobs (first one: nan)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (first generation only)
 
 
 @dataclass
 class _CachedRequest:
-    """A request of a cached batch: its tokens and KV blocks, and how its next token is chosen."""
+    """A request of a cached batch: its tokens and KV blocks, and how its next token is chosen.
+
+    Until its prompt is all run (chunked prefill) it samples nothing: ``prompt`` is set then, and
+    ``prompt_logprobs`` gathers a decoder_input_details request's logprobs chunk by chunk.
+    """
 
     seq: SequenceState
     chooser: TokenChooser
+    prompt: NewRequest | None = None
+    cached_tokens: int = 0
+    prompt_logprobs: list[float] | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt is not None
 
 
 class BatchError(ValueError):
     """A call names a batch or request the shard does not hold."""
+
+
+class StepError(BatchError):
+    """A step's chunks name a request that is not partially prefilled in its batches (INVALID_ARGUMENT)."""
 
 
 def _on_model_thread(method: Callable[Concatenate[ShardEngine, P], T]) -> Callable[Concatenate[ShardEngine, P], T]:
@@ -73,61 +90,136 @@ class ShardEngine:
         self.lock = model.lock
         self._batches: dict[int, list[_CachedRequest]] = {}
 
-    @_on_model_thread
     def prefill(self, batch_id: int, requests: Sequence[NewRequest]) -> list[Generation]:
-        with self.lock:
-            if batch_id in self._batches:
-                raise BatchError(f"batch {batch_id} already exists")
-            if not requests:
-                raise BatchError("a batch needs at least one request")
-            # Resolve every adapter before touching the cache, so a bad id fails the call cleanly.
-            named = [r.adapter_id for r in requests if r.adapter_id]
-            resident = self.store.acquire(named, pinned=self.pinned_adapters())
-            adapters = [resident[r.adapter_id] if r.adapter_id else None for r in requests]
-            entries = [
-                _CachedRequest(
-                    SequenceState(r.request_id, list(r.input_ids), a),
-                    TokenChooser(
-                        r.sampling, r.top_n_tokens, self.runner.model.config.eos_token_ids, self.runner.model.device
-                    ),
-                )
-                for r, a in zip(requests, adapters, strict=True)
-            ]
-            want_prefill = any(r.prefill_logprobs for r in requests)
-            seqs = [e.seq for e in entries]
-            try:  # whatever fails from here on, the new sequences give their KV blocks back
-                logits = self.runner.prefill(seqs, all_logits=want_prefill)
-                details: list[list[tuple[int, float]] | None] = [None] * len(requests)
-                if want_prefill:
-                    logits, details = _prefill_details(requests, logits)
-                for r, e in zip(requests, entries, strict=True):
-                    if r.generated_tokens:
-                        e.chooser.resume(r.input_ids[-r.generated_tokens :], logits.shape[-1])
-                gens = self._choose(entries, logits)
-            except BaseException:
-                for s in seqs:
-                    self.runner.release(s)
-                raise
-            self._batches[batch_id] = entries
-            self.store.count_requests(named)
-            return [Generation(g.request_id, g.choice, details[i]) if details[i] else g for i, g in enumerate(gens)]
+        """A new batch's first step (each request's whole prompt, or its first chunk)."""
+        return self.step([], (batch_id, requests))[1]
 
-    @_on_model_thread
     def decode(self, batch_ids: Sequence[int]) -> tuple[int, list[Generation]]:
         """Concatenate the batches (into the first id) and run one token of each request."""
+        return self.step(batch_ids)
+
+    @_on_model_thread
+    def step(
+        self,
+        batch_ids: Sequence[int],
+        new: tuple[int, Sequence[NewRequest]] | None = None,
+        chunks: Mapping[int, int] | None = None,
+    ) -> tuple[int, list[Generation]]:
+        """One forward pass over the cached batches (a token each, or a chunk of a partial prompt as
+        ``chunks`` says) and ``new``'s requests (their first chunk); all merge into the first cached batch
+        (``new``'s id when there is none), whose id comes back with the generations of this step."""
+        chunks = chunks or {}
         with self.lock:
-            missing = [b for b in batch_ids if b not in self._batches]
-            if missing or not batch_ids:
-                raise BatchError(f"unknown batch ids {missing}")
-            first = batch_ids[0]
-            entries = [e for b in batch_ids for e in self._batches[b]]
+            entries, merged = self._check_step(batch_ids, new, chunks)
+            fresh = self._admit(new[1]) if new is not None else []
+            work = [(e, min(chunks.get(e.seq.request_id, 0), e.seq.pending) if e.prefilling else 1) for e in entries]
+            work = [(e, n) for e, n in work if n]  # a partial prompt without a chunk waits this step
+            for e in fresh:
+                assert e.prompt is not None
+                work.append((e, min(e.prompt.prefill_chunk or e.seq.pending, e.seq.pending)))
+            full = [e.prompt_logprobs is not None for e, _ in work]
+            looked_up = [e for e in fresh if e.prompt is not None and not e.prompt.prefill_logprobs]
+            try:  # whatever fails from here on, the new sequences give their KV blocks back
+                logits = self.runner.step([(e.seq, n) for e, n in work], full) if work else None
+            except BaseException:
+                for e in fresh:
+                    self.runner.release(e.seq)
+                raise
             # Merged only once the step ran: a step refused for want of KV blocks (RESOURCE_EXHAUSTED, nothing
             # allocated) leaves every batch as the router knows it, so that it can preempt and try again.
-            logits = self.runner.decode([e.seq for e in entries]) if entries else None
             for other in batch_ids[1:]:
                 del self._batches[other]
-            self._batches[first] = entries
-            return first, [] if logits is None else self._choose(entries, logits)
+            self._batches[merged] = entries + fresh
+            if new is not None:
+                self.store.count_requests(r.adapter_id for r in new[1] if r.adapter_id)
+            if self.runner.prefix is not None and looked_up:
+                queried = sum(len(e.seq.token_ids) for e in looked_up)  # before any token is sampled
+                self.runner.prefix.record(queried, sum(e.cached_tokens for e in looked_up))
+            return merged, [] if logits is None else self._generations(work, full, logits)
+
+    def _check_step(
+        self, batch_ids: Sequence[int], new: tuple[int, Sequence[NewRequest]] | None, chunks: Mapping[int, int]
+    ) -> tuple[list[_CachedRequest], int]:
+        """The cached batches' requests in order and the answer's batch id, or a BatchError."""
+        missing = [b for b in batch_ids if b not in self._batches]
+        if missing or (not batch_ids and new is None):
+            raise BatchError(f"unknown batch ids {missing}")
+        if len(set(batch_ids)) != len(batch_ids):
+            raise StepError(f"batch ids repeat: {list(batch_ids)}")
+        entries = [e for b in batch_ids for e in self._batches[b]]
+        if new is not None:
+            if new[0] in self._batches:
+                raise BatchError(f"batch {new[0]} already exists")
+            if not new[1]:
+                raise BatchError("a batch needs at least one request")
+            held = {e.seq.request_id for e in entries}
+            ids = [r.request_id for r in new[1]]
+            if len(set(ids)) != len(ids) or held & set(ids):
+                raise StepError("a new request's id repeats one of its batch or of the cached batches")
+        partial = {e.seq.request_id for e in entries if e.prefilling}
+        wrong = sorted(r for r, n in chunks.items() if n and r not in partial)
+        if wrong:
+            raise StepError(f"chunks name requests that are not partially prefilled in these batches: {wrong}")
+        return entries, batch_ids[0] if batch_ids else new[0]  # type: ignore[index]
+
+    def _admit(self, requests: Sequence[NewRequest]) -> list[_CachedRequest]:
+        """New requests' entries, each pointing at its longest cached prefix; a bad adapter id fails them all."""
+        named = [r.adapter_id for r in requests if r.adapter_id]
+        resident = self.store.acquire(named, pinned=self.pinned_adapters())
+        eos = self.runner.model.config.eos_token_ids
+        fresh = []
+        for r in requests:
+            if not r.input_ids:
+                raise ValueError(f"request {r.request_id} has an empty prompt")
+            seq = SequenceState(r.request_id, list(r.input_ids), resident[r.adapter_id] if r.adapter_id else None)
+            chooser = TokenChooser(r.sampling, r.top_n_tokens, eos, self.runner.model.device)
+            fresh.append(_CachedRequest(seq, chooser, r, prompt_logprobs=[] if r.prefill_logprobs else None))
+        for e in fresh:  # after every check: a lookup takes references that only release() gives back
+            assert e.prompt is not None
+            if not e.prompt.prefill_logprobs:  # those need every prompt token's logits
+                e.cached_tokens = self.runner.reuse_prefix(e.seq)
+        return fresh
+
+    def _generations(
+        self, work: list[tuple[_CachedRequest, int]], full: list[bool], logits: torch.Tensor
+    ) -> list[Generation]:
+        """Sample for every request whose tokens are all run now; prompts' details on their first token."""
+        ready, rows, row = [], [], 0
+        for (e, n), everything in zip(work, full, strict=True):
+            done = e.seq.pending == 0
+            if everything:
+                assert e.prompt_logprobs is not None
+                e.prompt_logprobs.extend(_following_logprobs(logits[row : row + n], e.seq, n, done))
+                row += n
+                if done:
+                    ready.append(e)
+                    rows.append(row - 1)
+            elif done:
+                ready.append(e)
+                rows.append(row)
+                row += 1
+        if not ready:
+            return []
+        picked = logits[torch.tensor(rows)] if any(full) else logits
+        vocab = logits.shape[-1]
+        firsts = {id(e): e.prompt for e in ready if e.prompt is not None}
+        for e in ready:
+            if e.prompt is not None and e.prompt.generated_tokens:
+                e.chooser.resume(e.prompt.input_ids[-e.prompt.generated_tokens :], vocab)
+        choices = choose_tokens(picked, [e.chooser for e in ready], [e.seq.token_ids for e in ready])
+        gens = []
+        for e, c in zip(ready, choices, strict=True):
+            e.seq.token_ids.append(c.token_id)
+            prompt = firsts.get(id(e))
+            if prompt is None:
+                gens.append(Generation(e.seq.request_id, c))
+                continue
+            details = None
+            if e.prompt_logprobs is not None:
+                details = list(zip(prompt.input_ids, [float("nan"), *e.prompt_logprobs], strict=True))
+            gens.append(Generation(e.seq.request_id, c, details, e.cached_tokens))
+            e.prompt, e.prompt_logprobs = None, None
+        return gens
 
     @_on_model_thread
     def filter(self, batch_id: int, keep: Sequence[int]) -> list[int]:
@@ -156,6 +248,11 @@ class ShardEngine:
                 for e in self._batches.pop(b, []):
                     self.runner.release(e.seq)
 
+    def members(self, batch_id: int) -> list[int]:
+        """Request ids of a cached batch, in order (partially prefilled ones included)."""
+        with self.lock:
+            return [e.seq.request_id for e in self._batches.get(batch_id, [])]
+
     def pinned_adapters(self) -> set[str]:
         """Adapters that cached batches use: they stay on the device until their requests leave."""
         return {e.seq.adapter.adapter_id for b in self._batches.values() for e in b if e.seq.adapter is not None}
@@ -170,25 +267,18 @@ class ShardEngine:
         alloc = self.runner.cache.allocator
         return alloc.num_used, alloc.num_free, len(self._batches), sum(len(b) for b in self._batches.values())
 
-    def _choose(self, entries: list[_CachedRequest], logits: torch.Tensor) -> list[Generation]:
-        choices = choose_tokens(logits, [e.chooser for e in entries], [e.seq.token_ids for e in entries])
-        for e, c in zip(entries, choices, strict=True):
-            e.seq.token_ids.append(c.token_id)
-        return [Generation(e.seq.request_id, c) for e, c in zip(entries, choices, strict=True)]
+    def prefix_stats(self) -> tuple[int, int, int]:
+        """Prompt tokens looked up in the prefix cache, those found, and blocks holding a named prefix."""
+        prefix = self.runner.prefix
+        if prefix is None:
+            return 0, 0, 0
+        return prefix.queried_tokens, prefix.hit_tokens, len(prefix)
 
 
-def _prefill_details(
-    requests: Sequence[NewRequest], logits: torch.Tensor
-) -> tuple[torch.Tensor, list[list[tuple[int, float]] | None]]:
-    """Each request's last-position logits, and its prompt tokens' logprobs where asked for."""
-    ends = torch.tensor([len(r.input_ids) for r in requests]).cumsum(0)
-    all_logprobs = logits.log_softmax(-1)
-    details: list[list[tuple[int, float]] | None] = [None] * len(requests)
-    for i, r in enumerate(requests):
-        if r.prefill_logprobs:
-            start = int(ends[i]) - len(r.input_ids)
-            rows = all_logprobs[start : int(ends[i]) - 1]
-            following = torch.tensor(r.input_ids[1:], dtype=torch.long)  # long even when empty
-            lps = rows[torch.arange(len(r.input_ids) - 1), following].tolist()
-            details[i] = list(zip(r.input_ids, [float("nan"), *lps], strict=True))
-    return logits[ends - 1], details
+def _following_logprobs(logits: torch.Tensor, seq: SequenceState, n: int, done: bool) -> list[float]:
+    """Logprobs of the prompt tokens that follow each of a chunk's ``n`` rows (the last row's is the answer)."""
+    start = seq.num_cached - n + 1  # position of the token each first row predicts
+    end = seq.num_cached if done else seq.num_cached + 1  # exclusive; a done prompt's last row predicts no prompt token
+    following = torch.tensor(seq.token_ids[start:end], dtype=torch.long)
+    rows = logits[: len(following)].log_softmax(-1)
+    return rows[torch.arange(len(following)), following].tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.shard.config import ModelConfig
+from loraplex.shard.prefix_cache import PrefixIndex
 
 
 class KVCacheFull(RuntimeError):
@@ -23,36 +24,74 @@ def plan_kv_blocks(token_budget: int, block_size: int, device: str) -> int:
 
 
 class BlockAllocator:
-    """Fixed-size KV blocks handed out by id and taken back the moment a sequence ends."""
+    """Fixed-size KV blocks handed out by id, refcounted so that sequences can share a cached prefix.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    Without a ``PrefixIndex`` a block is free again the moment its last user lets go. With one, a block
+    that holds a named prefix stays cached when unreferenced (``prefix.unused``, LRU) and counts as free:
+    it is handed out again only when no truly free block is left, its name forgotten then.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix: PrefixIndex | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix = prefix
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence may take now: truly free ones and unreferenced cached ones."""
+        return len(self._free) + (len(self.prefix.unused) if self.prefix is not None else 0)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def refs(self, block: int) -> int:
+        return self._refs[block]
+
     def grow(self, table: list[int], num_tokens: int) -> None:
         """Extend a block table in place so that it holds ``num_tokens`` tokens."""
         missing = self.blocks_for(num_tokens) - len(table)
-        if missing > len(self._free):
-            raise KVCacheFull(f"need {missing} more KV blocks, {len(self._free)} free")
+        if missing > self.num_free:
+            raise KVCacheFull(f"need {missing} more KV blocks, {self.num_free} free")
         for _ in range(missing):
-            table.append(self._free.pop())
+            block = self._free.pop() if self._free else self._evict()
+            self._refs[block] = 1
+            table.append(block)
+
+    def _evict(self) -> int:
+        assert self.prefix is not None
+        block = self.prefix.evict()
+        assert block is not None, "num_free counted an unused cached block that is not there"
+        return block
+
+    def share(self, blocks: list[int]) -> None:
+        """Take one more reference on each (cached) block; an unused one leaves the LRU."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                assert self.prefix is not None
+                del self.prefix.unused[block]
+            self._refs[block] += 1
 
     def free(self, table: list[int]) -> None:
-        self._free.extend(reversed(table))
+        """Drop one reference on each block of ``table`` and empty it.
+
+        The table's tail goes to the LRU first: a chain's last blocks are evicted before its first ones,
+        which every longer prefix needs.
+        """
+        for block in reversed(table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if self.prefix is not None and self.prefix.is_cached(block):
+                    self.prefix.unused[block] = None
+                else:
+                    self._free.append(block)
         table.clear()
 
 
@@ -74,8 +113,9 @@ class KVCache:
         num_kv_heads: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        prefix_caching: bool = False,
     ) -> None:
-        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size, PrefixIndex() if prefix_caching else None)
         self.block_size = block_size
         shape = (config.num_layers, num_blocks, block_size, num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

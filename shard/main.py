@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_blocks=plan_kv_blocks(args.max_batch_total_tokens, args.block_size, device),
             block_size=args.block_size,
             tp=tp,
+            prefix_caching=not args.no_prefix_caching,
         )
         specs = parse_adapter_specs(args.lora_adapters)
         store = AdapterStore(
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=str(model_dir),
         max_active_adapters=args.max_active_adapters,
         max_cpu_adapters=store.max_host,
+        prefix_caching=runner.prefix is not None,
     )
     try:
         service = ShardEngine(runner, store, model_thread)

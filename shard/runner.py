@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from loraplex.shard.attention import AttentionInput
+from loraplex.shard.attention import AttentionInput, ContextGroup
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.kv_cache import KVCache, KVCacheFull
 from loraplex.shard.lora.adapter import LoraAdapter
 from loraplex.shard.lora.plan import LoraPlan, make_plan
 from loraplex.shard.model import CausalLM
 from loraplex.shard.parallel import TensorParallel
+from loraplex.shard.prefix_cache import PrefixIndex, adapter_identity, block_hashes, chain_next, chain_seed
 
 
 @dataclass(eq=False)
@@ -26,10 +27,15 @@ class SequenceState:
     adapter: LoraAdapter | None = None
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
+    # Chain hashes of its first full blocks, each named in the prefix cache (or found there).
+    hashes: list[bytes] = field(default_factory=list)
 
     @property
     def pending(self) -> int:
         return len(self.token_ids) - self.num_cached
+
+
+Work = Sequence[tuple[SequenceState, int]]
 
 
 class ModelRunner:
@@ -51,14 +57,73 @@ class ModelRunner:
         self._plan_key: tuple[int, ...] | None = None
         self._plan: LoraPlan | None = None
 
+    @property
+    def prefix(self) -> PrefixIndex | None:
+        """The prefix cache's index (None when prefix caching is off)."""
+        return self.cache.allocator.prefix
+
+    def reuse_prefix(self, seq: SequenceState) -> int:
+        """Point a fresh sequence at the longest cached prefix of its tokens; how many tokens that skips.
+
+        Only full blocks, and never the last token: it is always run, so the first sampled token comes
+        from fresh logits. The blocks are shared (refcounted), never written: the sequence's own tokens
+        start in a block of its own.
+        """
+        prefix = self.prefix
+        if prefix is None or seq.blocks or seq.num_cached:
+            return 0
+        bs = self.cache.block_size
+        hashes = block_hashes(adapter_identity(seq.adapter), seq.token_ids, bs, (len(seq.token_ids) - 1) // bs)
+        found = prefix.lookup(hashes)
+        self.cache.allocator.share(found)
+        seq.blocks, seq.hashes, seq.num_cached = found, hashes[: len(found)], len(found) * bs
+        return seq.num_cached
+
     @torch.inference_mode()
     def prefill(self, seqs: Sequence[SequenceState], all_logits: bool = False) -> torch.Tensor:
         """Run every token of fresh sequences; logits of each last token ([B, V]) or of all tokens ([T, V])."""
         if any(s.num_cached for s in seqs) or any(not s.token_ids for s in seqs):
             raise ValueError("prefill takes fresh, non-empty sequences")
+        work = [(s, len(s.token_ids)) for s in seqs]
+        return self._packed(work, None if all_logits else self._rows(work, [False] * len(work)))
+
+    @torch.inference_mode()
+    def step(self, work: Work, full: Sequence[bool] | None = None) -> torch.Tensor:
+        """Run the next ``n`` tokens of each ``(sequence, n)`` in one forward pass (decodes, prompts, chunks).
+
+        Logits [R, V] come back, in order, for every token of the sequences flagged in ``full`` and for the
+        last token of each other sequence whose tokens are all run after this step; none for a chunk that
+        leaves part of its prompt for later. A decode-only step takes the decode path (its metadata and
+        cached LoRA plan), fresh prompts the packed causal one; the rest attends through block tables.
+        """
+        full = list(full) if full is not None else [False] * len(work)
+        if not work or any(not 1 <= n <= s.pending for s, n in work):
+            raise ValueError("a step runs between 1 and all of each sequence's pending tokens")
+        seqs = [s for s, _ in work]
+        if not any(full) and all(n == 1 == s.pending and s.num_cached for s, n in work):
+            return self.decode(seqs)
+        rows = self._rows(work, full)
+        if all(s.num_cached == 0 for s in seqs):
+            return self._packed(work, rows)
+        return self._with_context(work, rows)
+
+    def _rows(self, work: Work, full: Sequence[bool]) -> torch.Tensor:
+        rows: list[int] = []
+        start = 0
+        for (s, n), everything in zip(work, full, strict=True):
+            if everything:
+                rows.extend(range(start, start + n))
+            elif s.num_cached + n == len(s.token_ids):
+                rows.append(start + n - 1)
+            start += n
+        return torch.tensor(rows, dtype=torch.long, device=self.model.device)
+
+    def _packed(self, work: Work, rows: torch.Tensor | None) -> torch.Tensor:
+        """Sequences with nothing cached yet: their new tokens attend only to each other (causal, packed)."""
         device = self.model.device
-        lens = [len(s.token_ids) for s in seqs]
-        self._reserve(seqs)
+        seqs = [s for s, _ in work]
+        lens = [n for _, n in work]
+        self._reserve(seqs, lens)
         positions = torch.cat([torch.arange(n) for n in lens])
         blocks, offsets = self._slots(seqs, [range(n) for n in lens])
         longest = max(lens)
@@ -75,13 +140,66 @@ class ModelRunner:
             pad_index=pad_index.to(device) if pad_index is not None else None,
             sliding_window=self.model.config.sliding_window,
         )
-        ids = torch.tensor([t for s in seqs for t in s.token_ids], device=device)
-        rows = None if all_logits else torch.tensor(lens, device=device).cumsum(0) - 1
-        lora = self._lora([s.adapter for s, n in zip(seqs, lens, strict=True) for _ in range(n)], cache=False)
+        ids = torch.tensor([t for s, n in work for t in s.token_ids[:n]], device=device)
+        lora = self._lora([s.adapter for s, n in work for _ in range(n)], cache=False)
         logits = self.model.forward(ids, meta, self.cache, lora, rows)
-        for s in seqs:
-            s.num_cached = len(s.token_ids)
+        self._advance(work)
         return logits
+
+    def _with_context(self, work: Work, rows: torch.Tensor) -> torch.Tensor:
+        """A general step: new tokens at positions [start, end) of a sequence see its keys [0, end)."""
+        device = self.model.device
+        seqs = [s for s, _ in work]
+        spans = [range(s.num_cached, s.num_cached + n) for s, n in work]
+        self._reserve(seqs, [span.stop for span in spans])
+        blocks, offsets = self._slots(seqs, spans)
+        starts = [0]
+        for _, n in work:
+            starts.append(starts[-1] + n)
+        # One-token rows (decodes, a last token after a cached prefix) attend as decode does; longer chunks
+        # pad their queries to the longest chunk only, not decodes to it.
+        single = [i for i, (_, n) in enumerate(work) if n == 1]
+        multi = [i for i, (_, n) in enumerate(work) if n > 1]
+        groups = tuple(self._group(work, members, starts) for members in (single, multi) if members)
+        meta = AttentionInput(
+            is_prefill=True,  # never the decode-only layout: a capturable decode path keys on is_prefill=False
+            positions=torch.tensor([p for span in spans for p in span], device=device),
+            slot_blocks=blocks,
+            slot_offsets=offsets,
+            seq_lens=tuple(n for _, n in work),
+            max_position=max(span.stop for span in spans) - 1,
+            sliding_window=self.model.config.sliding_window,
+            context=groups,
+        )
+        ids = torch.tensor([t for s, n in work for t in s.token_ids[s.num_cached : s.num_cached + n]])
+        lora = self._lora([s.adapter for s, n in work for _ in range(n)], cache=False)
+        logits = self.model.forward(ids.to(device), meta, self.cache, lora, rows)
+        self._advance(work)
+        return logits
+
+    def _group(self, work: Work, members: list[int], starts: list[int]) -> ContextGroup:
+        device = self.model.device
+        seqs = [work[i][0] for i in members]
+        lens = [work[i][1] for i in members]
+        queries = max(lens)
+        width = max(len(s.blocks) for s in seqs)
+        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=device)
+        # Padded query slots take the last real query's position: every row sees at least one key.
+        last = torch.tensor([s.num_cached + n - 1 for s, n in zip(seqs, lens, strict=True)])
+        first = torch.tensor([s.num_cached for s in seqs])
+        qpos = torch.minimum(first[:, None] + torch.arange(queries)[None, :], last[:, None])
+        key_pos = torch.arange(width * self.cache.block_size)
+        mask = key_pos[None, None, :] <= qpos[:, :, None]
+        window = self.model.config.sliding_window
+        if window is not None:
+            mask &= key_pos[None, None, :] > qpos[:, :, None] - window
+        token_index = None
+        if len(members) < len(work):
+            token_index = torch.tensor([starts[i] + j for i in members for j in range(work[i][1])], device=device)
+        pad_index = None
+        if min(lens) != queries:
+            pad_index = torch.tensor([k * queries + j for k, n in enumerate(lens) for j in range(n)], device=device)
+        return ContextGroup(token_index, tables, mask[:, None].to(device), queries, pad_index)
 
     @torch.inference_mode()
     def decode(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
@@ -89,7 +207,7 @@ class ModelRunner:
         if any(s.pending != 1 or s.num_cached == 0 for s in seqs):
             raise ValueError("decode takes prefilled sequences with exactly one new token each")
         device = self.model.device
-        self._reserve(seqs)
+        self._reserve(seqs, [len(s.token_ids) for s in seqs])
         positions = [s.num_cached for s in seqs]
         blocks, offsets = self._slots(seqs, [range(p, p + 1) for p in positions])
         width = max(len(s.blocks) for s in seqs)
@@ -112,22 +230,37 @@ class ModelRunner:
         )
         ids = torch.tensor([s.token_ids[-1] for s in seqs], device=device)
         logits = self.model.forward(ids, meta, self.cache, self._lora([s.adapter for s in seqs], cache=True))
-        for s in seqs:
-            s.num_cached += 1
+        self._advance([(s, 1) for s in seqs])
         return logits
 
     def release(self, seq: SequenceState) -> None:
-        """Give a finished sequence's KV blocks back at once."""
+        """Drop a finished sequence's hold on its KV blocks at once (cached prefix blocks stay cached)."""
         self.cache.allocator.free(seq.blocks)
         seq.num_cached = 0
+        seq.hashes = []
 
-    def _reserve(self, seqs: Sequence[SequenceState]) -> None:
+    def _advance(self, work: Work) -> None:
+        """Count the tokens just run, and name in the prefix cache every block they filled."""
+        prefix = self.prefix
+        bs = self.cache.block_size
+        for s, n in work:
+            s.num_cached += n
+            if prefix is None or len(s.hashes) >= s.num_cached // bs:
+                continue
+            h = s.hashes[-1] if s.hashes else chain_seed(adapter_identity(s.adapter))
+            for i in range(len(s.hashes), s.num_cached // bs):
+                h = chain_next(h, s.token_ids[i * bs : (i + 1) * bs])
+                s.hashes.append(h)
+                prefix.register(s.blocks[i], h)
+
+    def _reserve(self, seqs: Sequence[SequenceState], ends: Sequence[int]) -> None:
+        """Blocks for each sequence up to ``ends`` tokens, all or none."""
         alloc = self.cache.allocator
-        needed = sum(max(0, alloc.blocks_for(len(s.token_ids)) - len(s.blocks)) for s in seqs)
+        needed = sum(max(0, alloc.blocks_for(e) - len(s.blocks)) for s, e in zip(seqs, ends, strict=True))
         if needed > alloc.num_free:
             raise KVCacheFull(f"the batch needs {needed} more KV blocks, {alloc.num_free} free")
-        for s in seqs:
-            alloc.grow(s.blocks, len(s.token_ids))
+        for s, e in zip(seqs, ends, strict=True):
+            alloc.grow(s.blocks, e)
 
     def _slots(self, seqs: Sequence[SequenceState], spans: list[range]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.cache.block_size
@@ -202,12 +335,21 @@ def build_runner(
     kv_blocks: int = 1024,
     block_size: int = 16,
     tp: TensorParallel | None = None,
+    prefix_caching: bool = True,
 ) -> ModelRunner:
     """Load a checkpoint directory (this rank's slice) and give it a KV cache of ``kv_blocks`` blocks."""
     config = ModelConfig.from_dir(directory)
     model = CausalLM.load(directory, config, dtype, device, tp)
     local = model.config
-    cache = KVCache(local, kv_blocks, block_size, num_kv_heads=local.num_kv_heads, dtype=dtype, device=device)
+    cache = KVCache(
+        local,
+        kv_blocks,
+        block_size,
+        num_kv_heads=local.num_kv_heads,
+        dtype=dtype,
+        device=device,
+        prefix_caching=prefix_caching,
+    )
     # PyTorch's CPU bfloat16 batched GEMV streams 2-3x fewer bytes/s than float32 (measured on an AVX-512
     # BF16 CPU), so on the CPU decode's LoRA runs in float32 whatever the base dtype; prefill's batched
     # GEMMs keep the adapters' dtype, where bfloat16 uses BF16 dot products (a third of float32's LoRA cost).

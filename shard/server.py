@@ -13,7 +13,7 @@ import grpc
 from loraplex.common.messages import from_message, to_message
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
-from loraplex.shard.engine import BatchError, Generation, NewRequest, ShardEngine
+from loraplex.shard.engine import BatchError, Generation, NewRequest, ShardEngine, StepError
 from loraplex.shard.kv_cache import KVCacheFull
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.store import AdapterRecord
@@ -33,6 +33,8 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
     except AdapterError as exc:
         code = _ADAPTER_CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT)
         context.abort(code, f"{exc.kind}: {exc}")
+    except StepError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except BatchError as exc:
         context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     except KVCacheFull as exc:
@@ -42,7 +44,11 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
 
 
 def _generation(g: Generation) -> pb.Generation:
-    out = pb.Generation(request_id=g.request_id, token=pb.Token(id=g.choice.token_id, logprob=g.choice.logprob))
+    out = pb.Generation(
+        request_id=g.request_id,
+        token=pb.Token(id=g.choice.token_id, logprob=g.choice.logprob),
+        cached_tokens=g.cached_tokens,
+    )
     out.top_tokens.extend(pb.Token(id=i, logprob=lp) for i, lp in g.choice.top_tokens)
     if g.prefill:
         out.prefill_tokens.extend(pb.Token(id=i, logprob=lp) for i, lp in g.prefill)
@@ -58,6 +64,22 @@ def _sampling(s: pb.SamplingParameters) -> SamplingParams:
     neutral = SamplingParams()
     unset = {n: getattr(neutral, n) for n in _RATIOS if not (getattr(s, n) > 0 and math.isfinite(getattr(s, n)))}
     return from_message(SamplingParams, s, **unset)
+
+
+def _new_requests(batch: pb.Batch) -> list[NewRequest]:
+    return [
+        NewRequest(
+            r.id,
+            list(r.input_ids),
+            r.adapter_id,
+            _sampling(r.sampling),
+            r.top_n_tokens,
+            r.prefill_logprobs,
+            r.generated_tokens,
+            r.prefill_chunk,
+        )
+        for r in batch.requests
+    ]
 
 
 def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
@@ -76,8 +98,15 @@ class EngineServicer(pb_grpc.ShardServicer):
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         used, free, batches, requests = self.engine.stats()
+        queried, hit, cached = self.engine.prefix_stats()
         return pb.HealthResponse(
-            kv_blocks_used=used, kv_blocks_free=free, cached_batches=batches, cached_requests=requests
+            kv_blocks_used=used,
+            kv_blocks_free=free,
+            cached_batches=batches,
+            cached_requests=requests,
+            prefix_queried_tokens=queried,
+            prefix_hit_tokens=hit,
+            prefix_cached_blocks=cached,
         )
 
     def Warmup(self, request: pb.WarmupRequest, context: grpc.ServicerContext) -> pb.WarmupResponse:
@@ -95,18 +124,7 @@ class EngineServicer(pb_grpc.ShardServicer):
         )
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
-        reqs = [
-            NewRequest(
-                r.id,
-                list(r.input_ids),
-                r.adapter_id,
-                _sampling(r.sampling),
-                r.top_n_tokens,
-                r.prefill_logprobs,
-                r.generated_tokens,
-            )
-            for r in request.batch.requests
-        ]
+        reqs = _new_requests(request.batch)
         with _status(context):
             gens = self.engine.prefill(request.batch.id, reqs)
         ids = [r.request_id for r in reqs]
@@ -115,11 +133,12 @@ class EngineServicer(pb_grpc.ShardServicer):
         )
 
     def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
+        new = (request.new_batch.id, _new_requests(request.new_batch)) if request.HasField("new_batch") else None
         with _status(context):
-            batch_id, gens = self.engine.decode([b.id for b in request.batches])
+            batch_id, gens = self.engine.step([b.id for b in request.batches], new, dict(request.chunks))
         return pb.DecodeResponse(
             generations=[_generation(g) for g in gens],
-            batch=pb.CachedBatch(id=batch_id, request_ids=[g.request_id for g in gens]),
+            batch=pb.CachedBatch(id=batch_id, request_ids=self.engine.members(batch_id)),
         )
 
     def FilterBatch(self, request: pb.FilterBatchRequest, context: grpc.ServicerContext) -> pb.FilterBatchResponse:

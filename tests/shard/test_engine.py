@@ -42,13 +42,13 @@ def test_adapter_loads_run_on_the_model_thread_under_the_model_lock(engine: Shar
 
 def test_steps_run_on_the_model_thread_whoever_calls(engine: ShardEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
-    step = engine.runner.prefill
+    step = engine.runner.step
 
-    def prefill(*args: object, **kwargs: object) -> torch.Tensor:
+    def run(*args: object, **kwargs: object) -> torch.Tensor:
         seen.append(threading.current_thread().name)
         return step(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    monkeypatch.setattr(engine.runner, "step", run)
     engine.prefill(1, [NewRequest(1, [1, 2, 3])])
     engine.clear(1)
     assert seen == ["model"]
