@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.common.sampling import SamplingParams
+from loraplex.shard.grammar import GrammarCompiler, GrammarMatcher, mask_logits
 
 
 def finite_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,9 @@ class TokenChooser:
 
     ``eos_ids`` are the model's end-of-sequence tokens: they cannot be chosen until ``params.min_tokens``
     tokens have been (vLLM's min_tokens), so the answer is never cut short by an early EOS.
+
+    A request with a grammar (``params.grammar_type``) gets a matcher from ``grammars``: only the tokens it allows
+    can be chosen, the EOS only once the output is complete (``choose_tokens``).
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class TokenChooser:
         top_n: int = 0,
         eos_ids: Iterable[int] = (),
         device: torch.device | str = "cpu",
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.params = params
         self.top_n = top_n
@@ -45,6 +50,12 @@ class TokenChooser:
         self.generator: torch.Generator | None = None
         if params.sampling:  # on the logits' device: torch.multinomial refuses a generator of another device
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.grammar: GrammarMatcher | None = None
+        if params.grammar_type:
+            if grammars is None:
+                raise ValueError("this shard has no tokenizer to enforce grammars with")
+            self.grammar = grammars.matcher(params.grammar_type, params.grammar)
+        self.grammars = grammars
 
     def resume(self, generated_ids: Sequence[int], vocab_size: int) -> None:
         """Put a fresh sampler where it would be after choosing ``generated_ids`` (its min_tokens count, its
@@ -52,6 +63,8 @@ class TokenChooser:
         uninterrupted. ``torch.multinomial`` takes the same generator state whatever the probabilities are
         (``tests/shard/test_preemption_sampling.py``)."""
         self.generated += len(generated_ids)
+        if self.grammar is not None:
+            self.grammar.replay(generated_ids)
         if self.generator is None:
             return
         uniform = torch.ones(vocab_size, device=self.generator.device)
@@ -130,6 +143,16 @@ class TokenChooser:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+def _grammar_masked(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
+    rows = [i for i, c in enumerate(choosers) if c.grammar is not None]
+    if not rows:
+        return logits
+    compiler = choosers[rows[0]].grammars
+    assert compiler is not None  # a chooser with a grammar has its compiler
+    allowed = compiler.allowed([g for i in rows if (g := choosers[i].grammar) is not None], logits.shape[-1])
+    return mask_logits(logits, rows, allowed)
+
+
 @dataclass(frozen=True)
 class Choice:
     token_id: int
@@ -140,7 +163,10 @@ class Choice:
 def choose_tokens(
     logits: torch.Tensor, choosers: Sequence[TokenChooser], token_ids: Sequence[Sequence[int]]
 ) -> list[Choice]:
-    """Next token of every row; rows that only want argmax of raw logits take a vectorised path."""
+    """Next token of every row; rows that only want argmax of raw logits take a vectorised path. Rows under a
+    grammar first have every token it does not allow masked (their masks computed together), and their matchers
+    advance by the chosen token."""
+    logits = _grammar_masked(logits, choosers)
     plain = all(not c.params.sampling and not c.params.penalised for c in choosers)
     if plain:
         processed = logits
@@ -150,8 +176,10 @@ def choose_tokens(
     else:
         processed = torch.stack([c.process(row, ids) for c, row, ids in zip(choosers, logits, token_ids, strict=True)])
         chosen = [c.choose(row) for c, row in zip(choosers, processed, strict=True)]
-    for c in choosers:
+    for c, token in zip(choosers, chosen, strict=True):
         c.generated += 1
+        if c.grammar is not None:
+            c.grammar.advance(token)
     logprobs = processed.log_softmax(-1)
     picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
     out = []
