@@ -13,7 +13,8 @@ def gather_rows(x: torch.Tensor, segs: Segments) -> torch.Tensor:
     if segs.identity:
         return x.reshape(shape)
     padded = x.new_zeros(segs.num_chunks * segs.chunk_len, x.shape[-1])
-    padded[segs.slots] = x[segs.rows]
+    # Indices on the data's device: the segments may have been built on the host.
+    padded[segs.slots.to(x.device, torch.long)] = x[segs.rows.to(x.device, torch.long)]
     return padded.view(shape)
 
 
@@ -35,4 +36,4 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, segs: Segment
     if segs.identity:
         y.add_(out)
     else:
-        y.index_add_(0, segs.rows, out[segs.slots])
+        y.index_add_(0, segs.rows.to(y.device), out[segs.slots.to(y.device, torch.long)])

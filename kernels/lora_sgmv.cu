@@ -1,15 +1,18 @@
 // Segmented LoRA kernels (SGMV; BGMV when every segment is one token): y[row] += (x[row] · A_s) · B_s.
 //
 // A batch's rows that use adapter s form segment s: `rows[seg_indptr[s] : seg_indptr[s+1]]` lists them
-// (rows with no adapter are in no segment and are never touched). Each segment brings its own weight
-// pointers and rank, so mixed ranks share one launch with no padding at all.
+// (rows with no adapter are in no segment, or in a segment of rank 0, and are never written). Each
+// segment brings its own weight pointer and rank, so mixed ranks share one launch with no padding.
 //
-// shrink: v[i, j]  = sum_k x[rows[i], k] · At_s[j, k]      At_s: [rank_s, h_in]  (A transposed)
-// expand: y[rows[i], o] += sum_j v[i, j] · B_s[j, o]        B_s:  [rank_s, h_out] (scaling folded in)
-// v is float32 [num_listed_rows, ldv], zeroed by the caller; i indexes `rows`, not the batch.
+// shrink: vp[p, i, j]  = sum_{k in split p} x[rows[i], k] · At_s[j, k]    At_s: [rank_s, h_in] (A^T)
+// expand: y[rows[i], o] += sum_j (sum_p vp[p, i, j]) · B_s[j, o]           B_s:  [rank_s, h_out]
+// vp is float32 [splits, num_listed_rows, ldv] (i indexes `rows`, not the batch). Every split writes its own
+// partial sums, every element j < rank_s of each listed row exactly once: no zeroing, no atomics, and a
+// skewed segment mix cannot deadlock (no grid-wide synchronisation).
 //
-// Both are memory-bound whenever segments are short (decode): every weight byte is read once per
-// TOK-token tile, x tiles are staged in shared memory, accumulation is float32.
+// Both are memory-bound whenever segments are short (decode): weights are read once per TOK-token tile
+// with 16-byte loads (8 half-precision values), accumulation is float32. Callers guarantee h_in, h_out,
+// ldx, ldy, the column offset of y and every weight pointer are multiples of 8 elements (16 bytes).
 // Compiled by CuPy (NVRTC) at run time; `nvcc -DLORAPLEX_INSTANTIATE` compiles every instance for the
 // build checks.
 
@@ -18,14 +21,24 @@
 
 namespace loraplex {
 
-constexpr int kWarps = 8;          // threads per block: kWarps * 32
-constexpr int kChunk = 1024;       // x elements per token staged in shared memory by one shrink block
-constexpr int kMaxRank = 128;      // the largest rank the expand kernel stages (--max-lora-rank)
+constexpr int kWarps = 4;     // threads per block: kWarps * 32
+constexpr int kVec = 8;       // half-precision values per 16-byte load
+constexpr int kRows = 4;      // rank rows one pass of the shrink computes (x is loaded once for all of them)
+constexpr int kMaxRank = 128; // the largest rank the expand kernel stages (--max-lora-rank)
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ __half from_float(float v, __half) { return __float2half_rn(v); }
 __device__ __forceinline__ __nv_bfloat16 from_float(float v, __nv_bfloat16) { return __float2bfloat16_rn(v); }
+
+// Eight half-precision values from one 16-byte load, as floats.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float (&out)[kVec]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) out[e] = to_float(h[e]);
+}
 
 // This block's tokens: positions [first, first + count) of `rows`, in segment blockIdx.x's tile blockIdx.z.
 // count is 0 when the segment is shorter than the tile's start (the block then has nothing to do).
@@ -42,104 +55,136 @@ struct TokenTile {
 
 }  // namespace loraplex
 
-// grid: (segments, ceil(h_in / kChunk), ceil(longest segment / TOK)); block: kWarps * 32 threads.
-// Split-K over grid.y: partial sums meet in v through atomicAdd (no grid-wide synchronisation, so a
-// skewed segment mix cannot deadlock).
+// grid: (segments, splits of h_in, ceil(longest segment / TOK)); block: kWarps * 32 threads.
+// Every thread of the block walks the split's K range 8 values at a time; one pass covers kRows rank rows,
+// so each x load feeds kRows * TOK multiply-adds; the block's warps meet in shared memory.
 template <typename T, int TOK>
 __global__ void __launch_bounds__(loraplex::kWarps * 32) lora_shrink(
     const T* __restrict__ x, int ldx, const int* __restrict__ rows, const int* __restrict__ seg_indptr,
-    const long long* __restrict__ a_ptrs, const int* __restrict__ ranks, float* __restrict__ v, int ldv,
-    int h_in) {
+    const long long* __restrict__ a_ptrs, const int* __restrict__ ranks, float* __restrict__ vp, int ldv,
+    int n_rows, int h_in) {
   using namespace loraplex;
-  const int seg = blockIdx.x;
   const TokenTile<TOK> tile(seg_indptr);
-  const int tok0 = tile.first;
   const int ntok = tile.count;
-  const int k0 = static_cast<int>(blockIdx.y) * kChunk;
-  if (ntok == 0 || k0 >= h_in) return;  // uniform per block
-  const int klen = min(kChunk, h_in - k0);
-  const int rank = ranks[seg];
-  const T* __restrict__ at = reinterpret_cast<const T*>(a_ptrs[seg]);
+  const int rank = ranks[blockIdx.x];
+  if (ntok == 0 || rank == 0) return;  // uniform per block
+  const int span = ((h_in + static_cast<int>(gridDim.y) * kVec - 1) / (static_cast<int>(gridDim.y) * kVec)) * kVec;
+  const int kb = static_cast<int>(blockIdx.y) * span;
+  const int ke = min(h_in, kb + span);
+  const T* __restrict__ at = reinterpret_cast<const T*>(a_ptrs[blockIdx.x]);
+  const T* xr[TOK];
+#pragma unroll
+  for (int t = 0; t < TOK; ++t) xr[t] = x + static_cast<long long>(rows[tile.first + min(t, ntok - 1)]) * ldx;
+  float* __restrict__ out = vp + (static_cast<long long>(blockIdx.y) * n_rows + tile.first) * ldv;
 
-  __shared__ float xs[TOK][kChunk];
-  for (int i = threadIdx.x; i < TOK * kChunk; i += blockDim.x) {
-    const int t = i / kChunk;
-    const int k = i - t * kChunk;
-    xs[t][k] = (t < ntok && k < klen) ? to_float(x[static_cast<long long>(rows[tok0 + t]) * ldx + k0 + k]) : 0.f;
-  }
-  __syncthreads();
-
+  __shared__ float red[kWarps][kRows][TOK];
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  for (int j = warp; j < rank; j += kWarps) {
-    const T* __restrict__ arow = at + static_cast<long long>(j) * h_in + k0;
-    float acc[TOK];
+  for (int j0 = 0; j0 < rank; j0 += kRows) {
+    float acc[kRows][TOK];
 #pragma unroll
-    for (int t = 0; t < TOK; ++t) acc[t] = 0.f;
-    for (int k = lane; k < klen; k += 32) {  // consecutive lanes read consecutive weights: coalesced
-      const float a = to_float(arow[k]);
+    for (int r = 0; r < kRows; ++r)
 #pragma unroll
-      for (int t = 0; t < TOK; ++t) acc[t] = fmaf(a, xs[t][k], acc[t]);
+      for (int t = 0; t < TOK; ++t) acc[r][t] = 0.f;
+    for (int k = kb + static_cast<int>(threadIdx.x) * kVec; k < ke; k += blockDim.x * kVec) {
+      float xv[TOK][kVec];
+#pragma unroll
+      for (int t = 0; t < TOK; ++t) load8(xr[t] + k, xv[t]);  // tokens past ntok repeat the last: never stored
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (j0 + r < rank) {  // uniform per block
+          float av[kVec];
+          load8(at + static_cast<long long>(j0 + r) * h_in + k, av);
+#pragma unroll
+          for (int t = 0; t < TOK; ++t)
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[r][t] = fmaf(av[e], xv[t][e], acc[r][t]);
+        }
+      }
     }
 #pragma unroll
-    for (int t = 0; t < TOK; ++t) {
-      float s = acc[t];
+    for (int r = 0; r < kRows; ++r)
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
-      if (lane == 0 && t < ntok) atomicAdd(&v[static_cast<long long>(tok0 + t) * ldv + j], s);
+      for (int t = 0; t < TOK; ++t) {
+        float s = acc[r][t];
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+        if (lane == 0) red[warp][r][t] = s;
+      }
+    __syncthreads();
+    if (threadIdx.x < kRows * TOK) {
+      const int r = threadIdx.x / TOK;
+      const int t = threadIdx.x - r * TOK;
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += red[w][r][t];
+      if (t < ntok && j0 + r < rank) out[static_cast<long long>(t) * ldv + j0 + r] = s;
     }
+    __syncthreads();  // red is reused by the next pass
   }
 }
 
-// grid: (segments, ceil(h_out / (kWarps * 32)), ceil(longest segment / TOK)); one thread per output
-// column, so B's rows are read coalesced and every y element has exactly one writer (no atomics).
+// grid: (segments, ceil(h_out / (kWarps * 32 * 8)), ceil(longest segment / TOK)); each thread owns 8
+// consecutive output columns (16-byte loads of B, 16-byte read-modify-write of y): one writer per element.
 template <typename T, int TOK>
 __global__ void __launch_bounds__(loraplex::kWarps * 32) lora_expand(
-    const float* __restrict__ v, int ldv, const int* __restrict__ rows, const int* __restrict__ seg_indptr,
-    const long long* __restrict__ b_ptrs, const int* __restrict__ ranks, T* __restrict__ y, int ldy,
-    int h_out) {
+    const float* __restrict__ vp, int ldv, long long split_stride, int splits, const int* __restrict__ rows,
+    const int* __restrict__ seg_indptr, const long long* __restrict__ b_ptrs, const int* __restrict__ ranks,
+    T* __restrict__ y, int ldy, int h_out) {
   using namespace loraplex;
-  const int seg = blockIdx.x;
   const TokenTile<TOK> tile(seg_indptr);
-  const int tok0 = tile.first;
   const int ntok = tile.count;
-  if (ntok == 0) return;  // uniform per block
-  const int rank = min(ranks[seg], kMaxRank);
-  const T* __restrict__ b = reinterpret_cast<const T*>(b_ptrs[seg]);
+  const int rank = min(ranks[blockIdx.x], kMaxRank);
+  if (ntok == 0 || rank == 0) return;  // uniform per block: rows of rank 0 stay bit-identical
+  const T* __restrict__ b = reinterpret_cast<const T*>(b_ptrs[blockIdx.x]);
 
   __shared__ float vs[TOK][kMaxRank];
   for (int i = threadIdx.x; i < TOK * rank; i += blockDim.x) {
     const int t = i / rank;
     const int j = i - t * rank;
-    vs[t][j] = t < ntok ? v[static_cast<long long>(tok0 + t) * ldv + j] : 0.f;
+    float s = 0.f;
+    if (t < ntok) {
+      const float* p = vp + static_cast<long long>(tile.first + t) * ldv + j;
+      for (int q = 0; q < splits; ++q) s += p[q * split_stride];
+    }
+    vs[t][j] = s;
   }
   __syncthreads();
 
-  const int o = static_cast<int>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int o = (static_cast<int>(blockIdx.y) * blockDim.x + threadIdx.x) * kVec;
   if (o >= h_out) return;
-  float acc[TOK];
+  float acc[TOK][kVec];
 #pragma unroll
-  for (int t = 0; t < TOK; ++t) acc[t] = 0.f;
+  for (int t = 0; t < TOK; ++t)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[t][e] = 0.f;
   for (int j = 0; j < rank; ++j) {
-    const float bj = to_float(b[static_cast<long long>(j) * h_out + o]);
+    float bv[kVec];
+    load8(b + static_cast<long long>(j) * h_out + o, bv);
 #pragma unroll
-    for (int t = 0; t < TOK; ++t) acc[t] = fmaf(vs[t][j], bj, acc[t]);
+    for (int t = 0; t < TOK; ++t)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[t][e] = fmaf(vs[t][j], bv[e], acc[t][e]);
   }
 #pragma unroll
   for (int t = 0; t < TOK; ++t) {
     if (t < ntok) {
-      T* p = y + static_cast<long long>(rows[tok0 + t]) * ldy + o;
-      *p = from_float(to_float(*p) + acc[t], T());
+      T* p = y + static_cast<long long>(rows[tile.first + t]) * ldy + o;
+      uint4 raw = *reinterpret_cast<const uint4*>(p);
+      T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) h[e] = from_float(to_float(h[e]) + acc[t][e], T());
+      *reinterpret_cast<uint4*>(p) = raw;
     }
   }
 }
 
 #ifdef LORAPLEX_INSTANTIATE
-#define LORAPLEX_INSTANCES(T, TOK)                                                                          \
-  template __global__ void lora_shrink<T, TOK>(const T*, int, const int*, const int*, const long long*,    \
-                                               const int*, float*, int, int);                              \
-  template __global__ void lora_expand<T, TOK>(const float*, int, const int*, const int*, const long long*, \
-                                               const int*, T*, int, int);
+#define LORAPLEX_INSTANCES(T, TOK)                                                                           \
+  template __global__ void lora_shrink<T, TOK>(const T*, int, const int*, const int*, const long long*,     \
+                                               const int*, float*, int, int, int);                          \
+  template __global__ void lora_expand<T, TOK>(const float*, int, long long, int, const int*, const int*,   \
+                                               const long long*, const int*, T*, int, int);
 LORAPLEX_INSTANCES(__half, 1)
 LORAPLEX_INSTANCES(__half, 8)
 LORAPLEX_INSTANCES(__nv_bfloat16, 1)

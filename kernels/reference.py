@@ -21,7 +21,8 @@ def shrink(x: torch.Tensor, segs: Segments, a: SegmentWeights, layer: int) -> to
     """
     acc = _accumulator(x.dtype)
     v = torch.zeros(segs.num_rows, segs.max_rank, dtype=acc, device=x.device)
-    rows, bounds, ranks = segs.rows.long(), segs.indptr.tolist(), segs.ranks.tolist()
+    # Indices on the data's device (the segments may live on the host): index ops refuse a mix.
+    rows, bounds, ranks = segs.rows.to(x.device, torch.long), segs.indptr.tolist(), segs.ranks.tolist()
     for s, (start, stop) in enumerate(pairwise(bounds)):
         if start < stop:
             a_t = a.stacks[s][layer, : ranks[s]].to(x.device, acc)
@@ -32,7 +33,7 @@ def shrink(x: torch.Tensor, segs: Segments, a: SegmentWeights, layer: int) -> to
 def expand(y: torch.Tensor, v: torch.Tensor, segs: Segments, b: SegmentWeights, layer: int) -> None:
     """``y[rows[i]] += v[i, :r_s] · B_s`` in place, rounded to ``y``'s dtype once; other rows untouched."""
     acc = v.dtype
-    rows, bounds, ranks = segs.rows.long(), segs.indptr.tolist(), segs.ranks.tolist()
+    rows, bounds, ranks = segs.rows.to(y.device, torch.long), segs.indptr.tolist(), segs.ranks.tolist()
     for s, (start, stop) in enumerate(pairwise(bounds)):
         if start < stop:
             part = rows[start:stop]

@@ -64,9 +64,12 @@ class TorchLoraPlan:
         groups = []
         for members in buckets.values():
             dense = {key: index for index, key in enumerate(members)}
+            # Index tensors where the weights are, so that no op mixes host and device tensors.
+            where = next(iter(next(iter(members.values())).projections.values())).b.device
             segs, seg_keys = Segments.from_keys(
                 [-1 if a is None else dense.get(id(a), -1) for a in self.row_adapters],
                 {dense[k]: site_rank[k] for k in members},
+                where,
             )
             chunk_keys = [seg_keys[s] for s in segs.chunk_segments]
             groups.append(self._stack(segs, chunk_keys, list(members.values()), projs, offsets, self.dtype))
