@@ -106,6 +106,37 @@ def suite_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def prefix_parser() -> FlagParser:
+    p = FlagParser(
+        prog="loraplex-bench prefix",
+        description="Prefix caching on vs off: a shared system prompt, multi-turn chats, and nothing shared.",
+    )
+    p.flag("--model-id", env="BENCH_MODEL_ID", default="", help="default: the embedded SmolLM2")
+    p.flag("--dtype", env="BENCH_DTYPE", default="bfloat16", choices=["float32", "bfloat16"])
+    p.flag("--out", env="BENCH_OUT", type=Path, default=Path("bench-results/prefix"))
+    p.flag("--repeats", env="BENCH_REPEATS", type=int, default=2, help="on/off alternations; best pass kept")
+    p.flag("--quick", env="BENCH_QUICK", action="store_true", help="a few short requests (for tests)")
+    p.flag("--work-dir", env="BENCH_WORK_DIR", type=Path, default=None, help="where the adapters are written")
+    p.flag("--no-progress", env="BENCH_NO_PROGRESS", action="store_true")
+    return p
+
+
+def prefix_main(argv: Sequence[str]) -> int:
+    from loraplex.bench.prefix import PrefixConfig, quick, run_prefix
+
+    args = prefix_parser().parse(list(argv))
+    if args.repeats < 1:
+        fail("loraplex-bench prefix", "--repeats must be at least 1")
+    config = PrefixConfig(
+        _model_dir(args.model_id), args.out, args.dtype, repeats=args.repeats, progress=not args.no_progress
+    )
+    if args.quick:
+        config = quick(config)
+    run_prefix(config, args.work_dir)
+    print(f"\nwrote {args.out / 'prefix.json'}")
+    return 0
+
+
 def _adapter_ids(args: object, model_dir: Path) -> list[str | None]:
     a = args
     idx = adapter_indices(a.requests, a.adapters, a.popularity, a.seed, a.zipf_s)  # type: ignore[attr-defined]
@@ -180,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["suite"]:
         return suite_main(argv[1:])
+    if argv[:1] == ["prefix"]:
+        return prefix_main(argv[1:])
     return run_main(argv)
 
 
