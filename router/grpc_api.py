@@ -14,6 +14,7 @@ from loraplex.proto.v1 import generate_pb2 as pb
 from loraplex.proto.v1 import generate_pb2_grpc as pb_grpc
 from loraplex.router.errors import ApiError
 from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent, TokenInfo
+from loraplex.router.grammar import check_parameters
 from loraplex.router.service import RouterService
 from loraplex.router.tenancy import Tenant, is_admin
 from loraplex.router.validation import GenerateParameters, ValidationError, validate_parameters
@@ -63,7 +64,7 @@ def _details(end: EndEvent) -> pb.Details:
     return d
 
 
-def _parameters(service: RouterService, params: pb.Parameters) -> GenerateParameters:
+async def _parameters(service: RouterService, params: pb.Parameters) -> GenerateParameters:
     """The set fields as the HTTP JSON would carry them, checked by the same rules.
 
     Not MessageToDict: it turns a NaN or infinite float into a string, which would be refused as "not a
@@ -71,11 +72,16 @@ def _parameters(service: RouterService, params: pb.Parameters) -> GenerateParame
     """
     raw: dict[str, Any] = {}
     for field, value in params.ListFields():
-        raw[field.name] = value if isinstance(value, str | bool | int | float) else list(value)  # `stop` is repeated
+        if field.name == "grammar":
+            raw["grammar"] = {"type": value.type, "value": value.value}  # a JSON Schema as text: taken as on HTTP
+        else:
+            raw[field.name] = value if isinstance(value, str | bool | int | float) else list(value)  # `stop`
     try:
-        return validate_parameters(raw, service.settings)
+        out = validate_parameters(raw, service.settings)
+        await check_parameters(service, out)
     except ValidationError as exc:
         raise ApiError(422, "validation", str(exc)) from exc
+    return out
 
 
 class TextGeneration(pb_grpc.TextGenerationServicer):
@@ -98,7 +104,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         tenant = await self._tenant(context)
         try:
-            params = _parameters(self.service, request.parameters)
+            params = await _parameters(self.service, request.parameters)
             pending = await self.service.prepare(request.inputs, params, tenant)
             end = await self.service.result(pending)
         except ApiError as exc:
@@ -113,7 +119,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         tenant = await self._tenant(context)
         try:
-            params = _parameters(self.service, request.parameters)
+            params = await _parameters(self.service, request.parameters)
             pending = await self.service.prepare(request.inputs, params, tenant)
         except ApiError as exc:
             await _abort(context, exc)

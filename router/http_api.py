@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from loraplex.router.errors import ApiError
 from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent, TokenInfo
+from loraplex.router.grammar import check_parameters
 from loraplex.router.inflight import InFlightRequest
 from loraplex.router.schemas import TGI_PARAMETERS
 from loraplex.router.service import RouterService
@@ -69,11 +70,14 @@ def details_json(end: EndEvent, params: GenerateParameters) -> dict[str, Any]:
     return out
 
 
-def parse_parameters(service: RouterService, raw: dict[str, Any]) -> GenerateParameters:
+async def parse_parameters(service: RouterService, raw: dict[str, Any]) -> GenerateParameters:
+    """TGI's checks, then the grammar compiled as the shards will: every refusal is a 422 before any token."""
     try:
-        return validate_parameters(raw, service.settings)
+        params = validate_parameters(raw, service.settings)
+        await check_parameters(service, params)
     except ValidationError as exc:
         raise ApiError(422, "validation", str(exc)) from exc
+    return params
 
 
 async def client_gone(request: Request) -> None:
@@ -157,7 +161,7 @@ def tgi_routes(service: RouterService) -> APIRouter:
     json_only = [Depends(require_json)]  # FastAPI runs it before the body is validated
 
     async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
-        params = parse_parameters(service, body.parameters)
+        params = await parse_parameters(service, body.parameters)
         pending = await service.prepare(body.inputs, params, tenant_of(request))
         end = await service.result(pending, client_gone(request))
         out: dict[str, Any] = {"generated_text": service.full_text(body.inputs, end, params)}
@@ -166,7 +170,7 @@ def tgi_routes(service: RouterService) -> APIRouter:
         return out
 
     async def stream(body: GenerateBody, tenant: Tenant | None) -> StreamingResponse:
-        params = parse_parameters(service, body.parameters)
+        params = await parse_parameters(service, body.parameters)
         pending = await service.prepare(body.inputs, params, tenant)  # errors before the first token keep their status
         return StreamingResponse(tgi_stream(service, pending, body.inputs), media_type="text/event-stream")
 

@@ -13,12 +13,27 @@ from fastapi.responses import StreamingResponse
 
 from loraplex.router.errors import ApiError
 from loraplex.router.events import EndEvent, ErrorEvent, TokenEvent
+from loraplex.router.grammar import (
+    ToolCallStream,
+    ToolChoice,
+    check_parameters,
+    response_format_grammar,
+    split_tool_call,
+    tool_call_id,
+    tool_choice,
+)
 from loraplex.router.http_api import UNSUPPORTED_MEDIA_TYPE, client_gone, is_json_media_type, request_json, tenant_of
 from loraplex.router.inflight import InFlightRequest
 from loraplex.router.schemas import CHAT_BODY, COMPLETION_BODY
 from loraplex.router.service import RouterService
 from loraplex.router.tokenizer import TemplateFailure
-from loraplex.router.validation import ValidationError, chat_messages, unicode_problem, validate_parameters
+from loraplex.router.validation import (
+    GenerateParameters,
+    ValidationError,
+    chat_messages,
+    unicode_problem,
+    validate_parameters,
+)
 
 # "tgi" is what TGI clients send; "dummy" is what huggingface_hub's InferenceClient sends when it was built
 # from a server URL (older releases sent the URL itself, which is also accepted).
@@ -41,8 +56,28 @@ def resolve_model(service: RouterService, model: Any) -> str:
     return model
 
 
-def _params(service: RouterService, body: dict[str, Any], adapter: str) -> Any:
+def _grammar(body: dict[str, Any], kind: str) -> tuple[dict[str, str] | None, ToolChoice | None]:
+    """TGI's ``grammar`` for the body's ``response_format`` or forced tool call, and that tool choice."""
+    tools = tool_choice(body.get("tools"), body.get("tool_choice")) if kind == "chat" else None
+    if kind != "chat" and (body.get("tools") is not None or body.get("tool_choice") is not None):
+        raise ValidationError("`tools` are for /v1/chat/completions")
+    grammar_type, grammar = response_format_grammar(body.get("response_format"))
+    if tools is not None:
+        if grammar_type:
+            raise ValidationError("`response_format` cannot be combined with a forced `tool_choice`")
+        grammar_type, grammar = "json", tools.grammar
+    return ({"type": grammar_type, "value": grammar} if grammar_type else None), tools
+
+
+async def _params(
+    service: RouterService, body: dict[str, Any], adapter: str, kind: str
+) -> tuple[GenerateParameters, ToolChoice | None]:
+    try:
+        grammar, tools = _grammar(body, kind)
+    except ValidationError as exc:
+        raise OpenAIError(422, "validation", str(exc)) from exc
     raw: dict[str, Any] = {
+        "grammar": grammar,
         "adapter_id": adapter,
         "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         "temperature": body.get("temperature"),
@@ -65,29 +100,60 @@ def _params(service: RouterService, body: dict[str, Any], adapter: str) -> Any:
     if body.get("logprobs") and top_logprobs:
         raw["top_n_tokens"] = top_logprobs
     try:
-        return validate_parameters(raw, service.settings)
+        params = validate_parameters(raw, service.settings)
+        await check_parameters(service, params)
     except ValidationError as exc:
         raise OpenAIError(422, "validation", str(exc)) from exc
+    return params, tools
 
 
-def _usage(request: InFlightRequest, end: EndEvent) -> dict[str, int]:
+def _usage(request: InFlightRequest, end: EndEvent) -> dict[str, Any]:
     prompt = len(request.input_ids)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": end.generated_tokens,
         "total_tokens": prompt + end.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": end.cached_tokens},
     }
 
 
-async def _stream(service: RouterService, pending: InFlightRequest, model: str, kind: str) -> AsyncIterator[str]:
+def _tool_message(text: str, finish: str) -> tuple[dict[str, Any], str]:
+    """The assistant message of a forced tool call, and its finish reason; a call cut short by max_tokens is
+    left as text ("length"): it cannot be parsed into arguments."""
+    call = split_tool_call(text) if finish == "stop" else None
+    if call is None:
+        return {"role": "assistant", "content": text}, finish
+    name, arguments = call
+    calls = [{"id": tool_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}]
+    return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+
+
+def tool_prompt(messages: list[dict[str, str]], body: dict[str, Any], tools: ToolChoice) -> list[dict[str, str]]:
+    """The messages with the forced tools described in the system message, as TGI does: the grammar fixes the
+    shape of the answer, this tells the model what the functions are for."""
+    offered = [t["function"] for t in body["tools"] if t["function"]["name"] in tools.names]
+    text = (
+        "Answer with a call to one of these functions, as a JSON object "
+        '{"name": <function name>, "arguments": <its arguments>}:\n' + json.dumps(offered, ensure_ascii=False)
+    )
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+async def _stream(
+    service: RouterService, pending: InFlightRequest, model: str, kind: str, tools: ToolChoice | None = None
+) -> AsyncIterator[str]:
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, usage: dict[str, int] | None = None) -> str:
+    def chunk(
+        text: str | None, finish: str | None, usage: dict[str, Any] | None = None, delta: dict[str, Any] | None = None
+    ) -> str:
         if kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "delta": {} if text is None else {"content": text}}
-            if text is not None and not sent_role:
+            choice: dict[str, Any] = {"index": 0, "delta": delta or ({} if text is None else {"content": text})}
+            if (text is not None or delta) and not sent_role:
                 choice["delta"]["role"] = "assistant"
         else:
             choice = {"index": 0, "text": text or ""}
@@ -98,16 +164,40 @@ async def _stream(service: RouterService, pending: InFlightRequest, model: str, 
             out["usage"] = usage
         return f"data: {json.dumps(out)}\n\n"
 
+    def arguments(piece: str) -> str:
+        return chunk(None, None, delta={"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+
     sent_role = False
+    call = ToolCallStream() if tools is not None else None
     try:
         async for event in service.events(pending):
             if isinstance(event, TokenEvent):
                 if event.token.special:
                     continue
-                yield chunk(event.token.text, None)
-                sent_role = True
+                if call is None:
+                    yield chunk(event.token.text, None)
+                    sent_role = True
+                    continue
+                name, piece = call.feed(event.token.text)
+                if name is not None:
+                    head = {"index": 0, "id": tool_call_id(), "type": "function"}
+                    yield chunk(
+                        None, None, delta={"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]}
+                    )
+                    sent_role = True
+                if piece:
+                    yield arguments(piece)
             elif isinstance(event, EndEvent):
-                yield chunk(None, _FINISH[event.finish_reason], _usage(pending, event))
+                finish = _FINISH[event.finish_reason]
+                if call is not None:
+                    if call.name is None:  # cut short before the name: what there is, as text
+                        yield chunk(call.text, None)
+                        sent_role = True
+                    elif rest := call.finish():
+                        yield arguments(rest)
+                    if finish == "stop" and call.name is not None:
+                        finish = "tool_calls"
+                yield chunk(None, finish, _usage(pending, event))
             elif isinstance(event, ErrorEvent):
                 yield f"data: {json.dumps({'error': event.message, 'error_type': event.error_type})}\n\n"
         yield "data: [DONE]\n\n"
@@ -121,7 +211,7 @@ def openai_routes(service: RouterService) -> APIRouter:
     async def run(request: Request, body: dict[str, Any], prompt: str, kind: str) -> Any:
         model = body.get("model")
         adapter = resolve_model(service, model)
-        params = _params(service, body, adapter)
+        params, tools = await _params(service, body, adapter, kind)
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):  # "false" is truthy: never guess what was meant
             raise OpenAIError(422, "validation", "`stream` must be a boolean")
@@ -131,17 +221,20 @@ def openai_routes(service: RouterService) -> APIRouter:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
         name = model if isinstance(model, str) and model else service.model_id
         if stream:
-            return StreamingResponse(_stream(service, pending, name, kind), media_type="text/event-stream")
+            return StreamingResponse(_stream(service, pending, name, kind, tools), media_type="text/event-stream")
         try:
             end = await service.result(pending, client_gone(request))
         except ApiError as exc:
             raise OpenAIError(exc.status, exc.error_type, exc.message) from exc
-        text = end.generated_text
+        text, finish = end.generated_text, _FINISH[end.finish_reason]
         if kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tools is not None:
+                message, finish = _tool_message(text, finish)
+            choice: dict[str, Any] = {"index": 0, "message": message}
         else:
             choice = {"index": 0, "text": text}
-        choice.update(finish_reason=_FINISH[end.finish_reason], logprobs=None)
+        choice.update(finish_reason=finish, logprobs=None)
         return {
             "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -158,8 +251,11 @@ def openai_routes(service: RouterService) -> APIRouter:
         body = await _body(request)
         try:
             messages = chat_messages(body.get("messages"))
+            tools = tool_choice(body.get("tools"), body.get("tool_choice"))
         except ValidationError as exc:
             raise OpenAIError(422, "validation", str(exc)) from exc
+        if tools is not None:
+            messages = tool_prompt(messages, body, tools)
         try:  # the template's own refusals ("roles must alternate") are the caller's to fix: 422, its words
             prompt = await service.chat_prompt(messages)
         except TemplateFailure as exc:

@@ -37,6 +37,8 @@ TGI_PARAMETERS: dict[str, Any] = {
         "watermark": _BOOL,
         "ignore_eos": _BOOL,
         "min_tokens": _INT,
+        # {"type": "json", "value": <JSON Schema>} or {"type": "regex", "value": "<pattern>"}
+        "grammar": {"type": "object", "properties": {"type": _STRING, "value": {}}, "required": ["type", "value"]},
     },
 }
 
@@ -55,6 +57,7 @@ _SAMPLING = {
     "top_logprobs": _INT,
     "ignore_eos": _BOOL,
     "min_tokens": _INT,
+    "response_format": {"type": "object", "properties": {"type": _STRING, "json_schema": {"type": "object"}}},
 }
 
 # Any role and part type the schema's types allow: the chat template judges roles, and a part that is not
@@ -62,7 +65,11 @@ _SAMPLING = {
 _PART = {"type": "object", "properties": {"type": _STRING, "text": _STRING}, "required": ["type"]}
 _MESSAGE = {
     "type": "object",
-    "properties": {"role": _STRING, "content": {"anyOf": [_STRING, {"type": "array", "items": _PART}]}},
+    "properties": {
+        "role": _STRING,
+        # null: an assistant message that made tool calls (its `tool_calls`)
+        "content": {"anyOf": [_STRING, {"type": "array", "items": _PART}, {"type": "null"}]},
+    },
     "required": ["role", "content"],
 }
 
@@ -74,7 +81,12 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 CHAT_BODY = _body(
     {
         "type": "object",
-        "properties": {**_SAMPLING, "messages": {"type": "array", "items": _MESSAGE}},
+        "properties": {
+            **_SAMPLING,
+            "messages": {"type": "array", "items": _MESSAGE},
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"anyOf": [_STRING, {"type": "object"}]},
+        },
         "required": ["messages"],
     }
 )

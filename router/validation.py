@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -128,8 +129,9 @@ def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> Gen
     best_of = _number(params, "best_of", int)
     if best_of is not None and best_of != 1:
         raise ValidationError("`best_of` is not supported by loraplex; use separate requests")
-    if params.get("grammar") is not None:
-        raise ValidationError("`grammar` is not supported by loraplex")
+    from loraplex.router.grammar import tgi_grammar  # here: that module builds on this one's ValidationError
+
+    out["grammar_type"], out["grammar"] = tgi_grammar(params.get("grammar"))
     stop = params.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -148,6 +150,9 @@ def validate_parameters(params: dict[str, Any], settings: RouterSettings) -> Gen
     if adapter is not None and not isinstance(adapter, str):
         raise ValidationError("`adapter_id` must be a string")
     out["adapter_id"] = adapter or ""
+    if out["grammar_type"] and (out.get("ignore_eos") or out.get("min_tokens")):
+        # The EOS is what says a constrained answer is complete: it can be neither ignored nor held back.
+        raise ValidationError("`grammar` cannot be combined with `ignore_eos` or `min_tokens`")
     result = GenerateParameters(**out)
     if result.sampling and "seed" not in out:
         result = GenerateParameters(**{**out, "seed": random.getrandbits(63)})
@@ -215,7 +220,12 @@ def chat_messages(raw: Any) -> list[dict[str, str]]:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise ValidationError(f"`messages[{i}].role` must be a non-empty string")
-        out.append({"role": role, "content": _content(message.get("content"), f"messages[{i}].content")})
+        content = message.get("content")
+        calls = message.get("tool_calls")
+        if content is None and isinstance(calls, list):  # an earlier tool call: the template sees it as its JSON
+            functions = [c.get("function") for c in calls if isinstance(c, dict)]
+            content = json.dumps([{"name": f.get("name"), "arguments": f.get("arguments")} for f in functions if f])
+        out.append({"role": role, "content": _content(content, f"messages[{i}].content")})
     return out
 
 
