@@ -94,3 +94,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- toString . | quote -}}
 {{- end -}}
 {{- end }}
+
+{{/* The Endpoint Picker's objects: their own component label, so that no serving selector matches them. */}}
+{{- define "loraplex.pickerName" -}}
+{{- printf "%s-epp" (include "loraplex.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "loraplex.pickerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "loraplex.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: endpoint-picker
+{{- end }}
+
+{{- define "loraplex.pickerLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "loraplex.pickerSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The picker the pool names: the chart's own, or the one inferencePool.endpointPicker.external names. */}}
+{{- define "loraplex.pickerService" -}}
+{{- default (include "loraplex.pickerName" .) .Values.inferencePool.endpointPicker.external }}
+{{- end }}
+
+{{/* The router's HTTP port in the pod (its --port default): its containerPort and the InferencePool's target port. */}}
+{{- define "loraplex.httpPort" -}}8080{{- end }}
