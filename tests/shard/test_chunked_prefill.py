@@ -1,0 +1,155 @@
+"""Chunked prefill on the shard: exact outputs, no token before a prompt ends, preemption mid-prompt, errors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from loraplex.common.sampling import SamplingParams
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
+from loraplex.shard.engine import NewRequest, ShardEngine, StepError
+from loraplex.shard.server import EngineServicer, serve
+from tests.factories import make_adapter, tiny_model
+from tests.shard.conftest import drive, make_engine
+
+NEW_TOKENS = 5
+
+
+def _world(tmp_path: Path, kind: str, caching: bool, kv_blocks: int = 128) -> tuple[ShardEngine, int]:
+    base = tiny_model(tmp_path / "model", kind)
+    engine = make_engine(tmp_path / "model", kv_blocks=kv_blocks, block_size=4, prefix_caching=caching)
+    for name, seed, targets in (("a", 1, "all-linear"), ("b", 2, ["q_proj", "v_proj"])):
+        engine.store.load(
+            name, make_adapter(base, tmp_path / name, seed=seed, r=4, lora_alpha=8, target_modules=targets)
+        )
+    return engine, base.config.vocab_size
+
+
+def _requests(vocab: int, lengths: list[int], seed: int = 0) -> list[NewRequest]:
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randint(vocab, (9,), generator=gen).tolist()  # a common start, so caching has work to do
+    return [
+        NewRequest(i, shared + torch.randint(vocab, (n,), generator=gen).tolist(), ["", "a", "b"][i % 3])
+        for i, n in enumerate(lengths)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "mistral_sliding"])
+@pytest.mark.parametrize("caching", [False, True])
+def test_chunked_greedy_outputs_equal_unchunked(tmp_path: Path, kind: str, caching: bool) -> None:
+    engine, vocab = _world(tmp_path, kind, caching)
+    requests = _requests(vocab, [31, 3, 24, 40, 17, 2])  # most prompts several chunks long
+    # Two arrivals per step: chunks of new prompts run beside decodes and beside other prompts' chunks.
+    whole = drive(engine, requests, NEW_TOKENS, arrivals=2)
+    chunked = drive(engine, requests, NEW_TOKENS, arrivals=2, chunk=7, first_batch_id=50)
+    tiny = drive(engine, requests, NEW_TOKENS, arrivals=3, chunk=1, first_batch_id=100)
+    assert chunked.tokens == whole.tokens == tiny.tokens
+    assert len({tuple(t) for t in whole.tokens.values()}) > 3
+    if caching:  # the first run left every prompt's blocks: later chunks start after them
+        assert all(c >= (len(r.input_ids) - 1) // 4 * 4 for r, c in zip(requests, chunked.cached.values(), strict=True))
+    else:
+        assert chunked.steps > whole.steps + 4
+    engine.clear()
+    assert engine.stats()[0] == 0
+
+
+def test_a_prompt_yields_nothing_until_its_last_chunk(tmp_path: Path) -> None:
+    engine, vocab = _world(tmp_path, "llama", caching=False)
+    prompt = _requests(vocab, [13])[0].input_ids  # 22 tokens
+    reference = drive(engine, [NewRequest(9, prompt)], 1, first_batch_id=9).tokens[9]
+    assert engine.prefill(1, [NewRequest(1, prompt, prefill_chunk=8)]) == []
+    assert engine.members(1) == [1]
+    assert engine.step([1], None, {1: 8}) == (1, [])
+    assert engine.step([1], None, {}) == (1, [])  # named by no chunk: it waits
+    batch, gens = engine.step([1], None, {1: 8})  # 6 left: they run and the first token comes
+    assert batch == 1 and [g.request_id for g in gens] == [1] and gens[0].choice.token_id == reference[0]
+
+
+def test_a_chunk_starts_after_the_cached_prefix(tmp_path: Path) -> None:
+    engine, vocab = _world(tmp_path, "llama", caching=True)
+    prompt = _requests(vocab, [13])[0].input_ids  # 22 tokens: 5 full blocks before the last token
+    reference = drive(engine, [NewRequest(9, prompt)], 1, first_batch_id=9).tokens[9]
+    assert engine.prefill(1, [NewRequest(1, prompt, prefill_chunk=1)]) == []  # token 21 of 22
+    _, gens = engine.step([1], None, {1: 1})
+    assert [(g.request_id, g.cached_tokens, g.choice.token_id) for g in gens] == [(1, 20, reference[0])]
+
+
+def test_prompt_logprobs_gathered_chunk_by_chunk_equal_one_pass(tmp_path: Path) -> None:
+    engine, vocab = _world(tmp_path, "qwen2", caching=False)
+    prompt = _requests(vocab, [10])[0].input_ids
+    whole = engine.prefill(1, [NewRequest(1, prompt, "a", prefill_logprobs=True)])[0]
+    engine.prefill(2, [NewRequest(2, prompt, "a", prefill_logprobs=True, prefill_chunk=7)])  # 19 tokens
+    _, more = engine.step([2], None, {2: 7})
+    _, last = engine.step([2], None, {2: 7})
+    assert more == [] and len(last) == 1 and last[0].prefill is not None and whole.prefill is not None
+    assert [t for t, _ in last[0].prefill] == prompt == [t for t, _ in whole.prefill]
+    ours = torch.tensor([lp for _, lp in last[0].prefill[1:]])
+    assert torch.allclose(ours, torch.tensor([lp for _, lp in whole.prefill[1:]]), atol=1e-5)
+    assert last[0].choice.token_id == whole.choice.token_id
+
+
+def test_a_seeded_sample_does_not_depend_on_chunking(tmp_path: Path) -> None:
+    engine, vocab = _world(tmp_path, "mistral", caching=True)
+    sampling = SamplingParams(do_sample=True, temperature=1.5, seed=11)
+    requests = [replace(r, sampling=sampling) for r in _requests(vocab, [20, 6, 15], seed=3)]
+    assert (
+        drive(engine, requests, 8, arrivals=1).tokens
+        == drive(engine, requests, 8, arrivals=1, chunk=3, first_batch_id=20).tokens
+    )
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_partially_prefilled_request_dropped_then_prefilled_again(tmp_path: Path, caching: bool) -> None:
+    engine, vocab = _world(tmp_path, "llama", caching, kv_blocks=24)
+    victim, neighbour = _requests(vocab, [30, 5], seed=4)  # 39 tokens on the base; 14 under "a"
+    engine.prefill(1, [neighbour])
+    engine.step([1], (2, [replace(victim, prefill_chunk=8)]), {})
+    engine.step([1], None, {victim.request_id: 8})
+    assert engine.members(1) == [neighbour.request_id, victim.request_id]
+    engine.filter(1, [neighbour.request_id])  # preempted with 16 of its 39 tokens run: its blocks go back
+    assert engine.stats()[0] == engine.runner.cache.allocator.blocks_for(len(neighbour.input_ids) + 2)
+    engine.clear()
+    assert engine.stats()[0] == 0
+    again = drive(engine, [replace(victim, request_id=7)], NEW_TOKENS, chunk=8, first_batch_id=3)
+    ref = drive(make_engine(tmp_path / "model", kv_blocks=24, prefix_caching=False), [victim], NEW_TOKENS)
+    assert again.tokens[7] == ref.tokens[victim.request_id]
+    assert again.cached[7] == (16 if caching else 0)  # the chunks it ran before the preemption, when cached
+
+
+def test_chunks_that_name_unknown_or_decoding_requests_are_invalid_arguments(tmp_path: Path) -> None:
+    engine, vocab = _world(tmp_path, "llama", caching=True)
+    short, long = _requests(vocab, [2, 20], seed=5)
+    engine.prefill(1, [short, replace(long, prefill_chunk=4)])
+    with pytest.raises(StepError, match=r"not partially prefilled in these batches: \[0\]"):
+        engine.step([1], None, {short.request_id: 3})
+    with pytest.raises(StepError, match=r"\[99\]"):
+        engine.step([1], None, {99: 3})
+    with pytest.raises(StepError, match="repeats"):
+        engine.step([1], (2, [replace(short, input_ids=[1, 2])]), {})
+    assert engine.members(1) == [0, 1]  # refused steps change nothing
+    server = serve(EngineServicer(engine, pb.InfoResponse(prefix_caching=True)), f"unix://{tmp_path}/shard.sock")
+    try:
+        with grpc.insecure_channel(f"unix://{tmp_path}/shard.sock") as channel:
+            stub = pb_grpc.ShardStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Decode(pb.DecodeRequest(batches=[pb.CachedBatch(id=1)], chunks={0: 3}))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            resp = stub.Decode(pb.DecodeRequest(batches=[pb.CachedBatch(id=1)], chunks={1: 4}))
+            assert list(resp.batch.request_ids) == [0, 1] and [g.request_id for g in resp.generations] == [0]
+            new = pb.Batch(id=5, requests=[pb.Request(id=8, input_ids=long.input_ids, prefill_chunk=30)])
+            resp = stub.Decode(pb.DecodeRequest(batches=[pb.CachedBatch(id=1)], chunks={1: 40}, new_batch=new))
+            gens = {g.request_id: g for g in resp.generations}
+            assert resp.batch.id == 1 and list(resp.batch.request_ids) == [0, 1, 8] and set(gens) == {0, 1, 8}
+            # Request 8 is on the base, as ``short`` is, whose first 9 tokens it shares: 2 full blocks to
+            # reuse; ``long`` holds all of them, but under adapter "a".
+            assert gens[1].cached_tokens == 0 and gens[8].cached_tokens == 8
+            health = stub.Health(pb.HealthRequest())
+            assert health.prefix_hit_tokens == 8 and health.prefix_queried_tokens == 11 + 29 + 29
+            assert health.prefix_cached_blocks > 0 and stub.Info(pb.InfoRequest()).prefix_caching
+    finally:
+        server.stop(None)
