@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from loraplex.shard.engine import NewRequest, ShardEngine
 from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.model_thread import ModelThread
 from loraplex.shard.parallel import ParallelError, TensorParallel, init_tensor_parallel, rank_device
 from loraplex.shard.runner import SequenceState, build_runner
 from tests.factories import make_adapter, tiny_model
 from tests.servers import free_port
+from tests.shard.conftest import drive
 
 RANKS = [1, 3, 5, 16, 64]
 TARGETS: list[Any] = [
@@ -44,9 +47,33 @@ def run_rank(rank: int, world: int, port: int, model_dir: Path, adapters: list[P
         runner.release(s)
     tokens = runner.generate_greedy([(list(p), rows[i % len(rows)]) for i, p in enumerate(PROMPTS * 2)], 8)
     result = {"logits": logits, "tokens": tokens, "sharded_bytes": runner.model.sharded_weight_bytes}
+    result["served"] = _serve_engine(model_dir, adapters, tp)
     torch.save(result, out / f"rank{rank}-of-{world}.pt")
     if tp.distributed:
         torch.distributed.destroy_process_group()
+
+
+def _serve_engine(model_dir: Path, adapters: list[Path], tp: TensorParallel) -> dict[str, Any]:
+    """Long prompts with a shared start under mixed adapters, through the engine with prefix caching on and
+    off, whole and in chunks, twice (the second round finds the first's blocks): tokens and cached counts."""
+    served: dict[str, Any] = {}
+    names = ["", *(f"a{i}" for i in range(len(adapters)))]
+    shared = [(7 * i + 3) % 50 for i in range(13)]
+    requests = [
+        NewRequest(i, shared + [(5 * i + j) % 50 for j in range(3 + 4 * i)], names[i % len(names)]) for i in range(6)
+    ]
+    for caching in (False, True):
+        runner = build_runner(model_dir, kv_blocks=128, block_size=4, tp=tp, prefix_caching=caching)
+        model = ModelThread()
+        store = AdapterStore(runner.model.full_config, dtype=torch.float32, tp=tp, pace=model.between_steps)
+        engine = ShardEngine(runner, store, model)
+        for name, directory in zip(names[1:], adapters, strict=True):
+            store.load(name, directory)
+        for chunk in (0, 5):
+            runs = [drive(engine, requests, 4, chunk=chunk, arrivals=2, first_batch_id=10 * k + 1) for k in range(2)]
+            served[f"{caching}-{chunk}"] = [(r.tokens, r.cached) for r in runs]
+            engine.clear()
+    return served
 
 
 def _spawn_ranks(rank: int, world: int, port: int, model_dir: Path, adapters: list[Path], out: Path) -> None:
@@ -67,6 +94,12 @@ def test_two_ranks_equal_one_rank(tmp_path: Path, kind: str) -> None:
     for a, b in zip(one["logits"], two[0]["logits"], strict=True):
         assert float((a - b).norm() / a.norm()) < 1e-5  # float32 rounding: partial sums add in another order
     assert two[0]["tokens"] == two[1]["tokens"] == one["tokens"]
+    # Prefix caching and chunked prefill: the same tokens everywhere, and every rank reuses the same blocks.
+    assert two[0]["served"] == two[1]["served"] == one["served"]
+    served = one["served"]
+    reference = served["False-0"][0][0]
+    assert all(tokens == reference for runs in served.values() for tokens, _ in runs)
+    assert sum(served["True-0"][1][1].values()) > 0 and sum(served["False-5"][1][1].values()) == 0
     assert len({tuple(t) for t in one["tokens"]}) > 4
     for r in range(2):
         share = two[r]["sharded_bytes"] / one["sharded_bytes"]
