@@ -9,9 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from loraplex.common.flags import fail
 from loraplex.common.logs import setup_logging
 from loraplex.common.shutdown import SERVER_STOP_GRACE
+from loraplex.kernels import cuda
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.shard.allocator import keep_freed_memory
 from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
@@ -20,6 +23,7 @@ from loraplex.shard.embedded import HUB_ID, EmbeddedModelError, embedded_model_d
 from loraplex.shard.engine import ShardEngine
 from loraplex.shard.kv_cache import plan_kv_blocks
 from loraplex.shard.lora.config import AdapterError
+from loraplex.shard.lora.plan import resolve_backend, set_backend
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.lora.sources import parse_adapter_specs, resolve_adapter_source
 from loraplex.shard.lora.store import AdapterStore
@@ -43,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.rank < args.num_shard:
         fail("loraplex-shard", f"--rank {args.rank} is not in 0..{args.num_shard - 1}")
     device = rank_device(args.device, args.rank, args.num_shard)
-    model_thread = ModelThread()  # builds the model, preloads adapters and runs every step: one OpenMP team
+    # Builds the model, preloads adapters and runs every step (one OpenMP team), on this rank's GPU.
+    model_thread = ModelThread(device=device)
+    lora_check = check_lora_backend(args.lora_backend, device, parse_dtype(args.dtype, device), args.max_lora_rank)
+    if lora_check is not None:
+        fail("loraplex-shard", lora_check)
+    if resolve_backend(args.lora_backend, device) == "cupy":
+        try:  # every kernel compiled before the shard reports healthy, never in the middle of a request
+            model_thread.call(cuda.warm_up, device)
+        except Exception as exc:
+            fail("loraplex-shard", f"--lora-backend cupy: the LoRA kernels do not compile here: {_one_line(exc)}")
+    set_backend(resolve_backend(args.lora_backend, device))
     try:
         model_dir = resolve_model_dir(args.model_id) if args.model_id else embedded_model_dir()
         dtype = parse_dtype(args.dtype, device)
@@ -129,6 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.listen.startswith("unix://"):
         Path(args.listen.removeprefix("unix://")).unlink(missing_ok=True)
     return 0
+
+
+def check_lora_backend(name: str, device: str, dtype: torch.dtype, max_rank: int) -> str | None:
+    """What stops ``--lora-backend`` from serving here (one line), or None; nothing is compiled yet."""
+    try:
+        backend = resolve_backend(name, device)
+    except ValueError as exc:
+        return str(exc)
+    if backend != "cupy":
+        return None
+    why = cuda.missing()
+    if why is not None:
+        return f"--lora-backend {name} on {device}: {why} (or choose --lora-backend torch)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"--lora-backend {name}: the CuPy kernels take float16 or bfloat16, not --dtype {dtype} (or torch)"
+    if max_rank > cuda.MAX_RANK:
+        return f"--lora-backend {name}: the CuPy kernels take ranks <= {cuda.MAX_RANK}, not --max-lora-rank {max_rank}"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 if __name__ == "__main__":

@@ -146,6 +146,22 @@ class CausalLM:
         embed = w(config.vocab_size, h)
         return cls(config, embed, layers, ones(h), embed, dtype)
 
+    def to(self, device: torch.device | str) -> CausalLM:
+        """The same model with every weight on ``device`` (tied embeddings stay tied)."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device)
+            return moved[id(t)]
+
+        layers = [LayerWeights(**{k: mv(v) for k, v in vars(w).items()}) for w in self.layers]  # type: ignore[arg-type]
+        embed, norm, lm_head = mv(self.embed), mv(self.norm), mv(self.lm_head)
+        assert embed is not None and norm is not None and lm_head is not None
+        return CausalLM(self.config, embed, layers, norm, lm_head, self.dtype, self.tp, self.full_config)
+
     @property
     def weight_bytes(self) -> int:
         seen: dict[int, int] = {}

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -22,18 +24,32 @@ class ModelThread:
     (``between_steps``), so no other thread ever starts a parallel torch op.
 
     ``lock`` is the model lock: work that changes or reads the engine's batches holds it (``ShardEngine``).
+
+    ``device``: on CUDA the thread makes it its current device before any job, so that everything that
+    defaults to the current device (torch's current stream, which the LoRA kernels launch on; NCCL; new
+    generators) is this rank's GPU and not GPU 0.
     """
 
-    def __init__(self, name: str = "model") -> None:
+    def __init__(self, name: str = "model", device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
         self.lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        broken: BaseException | None = None
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.set_device(self.device)  # per thread: the rank's GPU for every job that follows
+            except BaseException as exc:  # every job then fails with it, rather than run on the wrong GPU
+                broken = exc
         while (job := self._jobs.get()) is not None:
             fn, future = job
             if future.set_running_or_notify_cancel():
+                if broken is not None:
+                    future.set_exception(RuntimeError(f"the model thread cannot use {self.device}: {broken}"))
+                    continue
                 try:
                     future.set_result(fn())
                 except BaseException as exc:  # handed to the caller, who re-raises it

@@ -31,6 +31,13 @@ def shard_parser() -> FlagParser:
     )
     p.flag("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK)
     p.flag(
+        "--lora-backend",
+        default="auto",
+        choices=["auto", "torch", "cupy"],
+        help="LoRA ops: cupy (the CUDA kernels; needs loraplex[cuda]), torch (plain PyTorch), auto (cupy on CUDA, "
+        "torch elsewhere); never falls back from one to the other",
+    )
+    p.flag(
         "--adapter-dirs",
         default="",
         help="comma list of roots; an adapter id that was not preloaded loads on demand from <root>/<id>",

@@ -45,6 +45,11 @@ class CudaLoraPlan:
                     continue
                 if weights.a_t is None:
                     raise cuda.KernelError(f"adapter {adapter.adapter_id!r} was not moved to the device")
+                if weights.b.dtype not in (torch.float16, torch.bfloat16) or weights.rank > cuda.MAX_RANK:
+                    raise cuda.KernelError(
+                        f"adapter {adapter.adapter_id!r}: the CuPy kernels take float16/bfloat16 weights of rank "
+                        f"<= {cuda.MAX_RANK}, not {weights.b.dtype} rank {weights.rank} (--lora-backend torch does)"
+                    )
                 members.append(rows)
                 ranks.append(weights.rank)
                 a_stacks.append(weights.a_t)
@@ -69,26 +74,9 @@ class CudaLoraPlan:
             v = cuda.shrink(x, p.segments, p.a, layer)
             cuda.expand(y[:, p.cols], v, p.segments, p.b, layer)
 
-    @staticmethod
-    def supports(
-        row_adapters: Sequence[LoraAdapter | None], lora_dtype: torch.dtype | None, device: torch.device
-    ) -> bool:
-        """The kernels can run this batch: CUDA with CuPy, the adapters' own half-precision weights, ranks
-        within the kernels' limit."""
-        return (
-            device.type == "cuda"
-            and cuda.available()
-            and lora_dtype is None
-            and all(
-                p.a_t is not None and p.b.dtype in (torch.float16, torch.bfloat16) and p.rank <= cuda.MAX_RANK
-                for a in row_adapters
-                if a is not None
-                for p in a.projections.values()
-            )
-        )
-
 
 def _weights(stacks: list[torch.Tensor], device: torch.device) -> SegmentWeights:
-    if not all(t.is_contiguous() for t in stacks):
-        raise cuda.KernelError("LoRA weights must be contiguous on the device")
+    # The kernels read 16 bytes at a time: every layer's matrix must start on a 16-byte boundary.
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[-1] % cuda.VEC == 0 for t in stacks):
+        raise cuda.KernelError("LoRA weights must be contiguous on the device, 16-byte aligned, features % 8 == 0")
     return SegmentWeights.of(stacks, device)

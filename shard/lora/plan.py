@@ -1,9 +1,9 @@
-"""What the model calls at each LoRA site, and the choice between the CUDA and the PyTorch plan."""
+"""What the model calls at each LoRA site, and the choice between the CUDA and the PyTorch plan (``--lora-backend``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -11,6 +11,9 @@ from loraplex.shard.config import ModelConfig
 from loraplex.shard.lora.adapter import LoraAdapter
 from loraplex.shard.lora.cuda_plan import CudaLoraPlan
 from loraplex.shard.lora.torch_plan import TorchLoraPlan
+
+Backend = Literal["torch", "cupy"]
+BACKENDS = ("auto", "torch", "cupy")
 
 
 class LoraPlan(Protocol):
@@ -21,14 +24,38 @@ class LoraPlan(Protocol):
         base output ``y``, whose input was ``x``."""
 
 
+def resolve_backend(name: str, device: torch.device | str) -> Backend:
+    """``--lora-backend``: ``auto`` is the CuPy kernels on CUDA and PyTorch elsewhere; ``cupy`` off CUDA is an error."""
+    kind = torch.device(device).type
+    if name == "auto":
+        return "cupy" if kind == "cuda" else "torch"
+    if name == "cupy" and kind != "cuda":
+        raise ValueError(f"--lora-backend cupy needs a CUDA device, not {kind}")
+    if name not in ("torch", "cupy"):
+        raise ValueError(f"unknown LoRA backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name  # type: ignore[return-value]
+
+
+# The shard's choice, set once at start-up (shard/main.py) before any batch runs. A module setting because
+# make_plan's caller (shard/runner.py) predates the flag; None: ``auto`` for the plan's device.
+_backend: Backend | None = None
+
+
+def set_backend(backend: Backend | None) -> None:
+    global _backend
+    _backend = backend
+
+
 def make_plan(
     row_adapters: Sequence[LoraAdapter | None],
     config: ModelConfig,
     lora_dtype: torch.dtype | None,
     device: torch.device,
 ) -> LoraPlan:
-    """The CUDA kernels' plan where they can run, else the PyTorch plan (also the CPU path); ``lora_dtype``
-    is the PyTorch plan's stack dtype (None: the adapters' own)."""
-    if CudaLoraPlan.supports(row_adapters, lora_dtype, device):
+    """The backend's plan: the CuPy kernels' (``CudaLoraPlan``, which raises ``KernelError`` on a batch it cannot
+    take: never a silent fall-back) or PyTorch's; ``lora_dtype`` is the PyTorch plan's stack dtype (None: the
+    adapters' own)."""
+    backend = _backend or resolve_backend("auto", device)
+    if backend == "cupy":
         return CudaLoraPlan(row_adapters, config, device)
     return TorchLoraPlan(row_adapters, config, lora_dtype)
