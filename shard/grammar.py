@@ -106,6 +106,14 @@ class GrammarCompiler:
         return allowed
 
 
+def shard_grammars(model_dir: Path, vocab_size: int, eos_ids: Sequence[int]) -> GrammarCompiler | None:
+    """The shard's compiler, from the checkpoint's tokenizer; None for a checkpoint without one (grammar requests
+    are then refused by the router, which needs that tokenizer too)."""
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    return GrammarCompiler.from_dir(model_dir, vocab_size, eos_ids)
+
+
 def mask_logits(logits: torch.Tensor, rows: Sequence[int], allowed: torch.Tensor) -> torch.Tensor:
     """``logits`` (a batch) with every token the grammars do not allow at -inf in ``rows`` (a new tensor)."""
     out = logits.clone()
