@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from loraplex.proto.shard.v1 import shard_pb2 as pb
-from loraplex.router import shard_requests
+from loraplex.router import admission, shard_requests
 from loraplex.router.events import EndEvent, ErrorEvent, Event, TokenEvent, TokenInfo
 from loraplex.router.inflight import InFlightRequest, Overloaded
-from loraplex.router.kv_budget import Admission, KvBudget
+from loraplex.router.kv_budget import KvBudget
 from loraplex.router.metrics import Metrics
 from loraplex.router.settings import RouterSettings
 from loraplex.router.shards import ShardClients
@@ -128,60 +128,17 @@ class Scheduler:
         self.metrics.running_requests.set(len(self.running))
 
     def _admit(self, budget: int | None = None, chunked: bool = False) -> dict[InFlightRequest, int]:
-        """Take waiting requests in arrival order while the token budgets and adapter slots allow.
-
-        A request whose adapter is not on the device needs a free slot (``--max-active-adapters``);
-        slot-needers are served strictly in arrival order. Requests for adapters already running may
-        overtake a slot-needer only while it has waited less than ``--adapter-slot-patience`` seconds;
-        after that nothing overtakes it, the running adapters drain, and it gets the first free slot.
-        So no adapter starves, and a crowd of cold adapters cannot evict the ones in use (no thrash).
-
-        Returns each admitted request with the prompt tokens it runs in this step: all of them, or with
-        ``chunked`` what is left of the step's ``budget`` (a request that wants prompt logprobs is never split).
-        """
-        s = self.settings
-        budget = s.max_batch_prefill_tokens if budget is None else budget
+        """Waiting requests that join now (``router/admission.py``), each with the prompt tokens it runs."""
         now = time.monotonic()
-        kv = Admission(self.kv, (e.length for e in self.running.values()))
-        active = {e.params.adapter_id for e in self.running.values() if e.params.adapter_id}
-        prefill_tokens = 0
-        batch: dict[InFlightRequest, int] = {}
-        kept: deque[InFlightRequest] = deque()
-        blocked: InFlightRequest | None = None  # the oldest request waiting for an adapter slot
-        while self.waiting:
-            e = self.waiting.popleft()
-            if e.cancelled:
-                self._finish(e, None)
-                continue
-            # A preempted request's prompt holds its generated tokens too, and may pass the prefill budget:
-            # alone in its batch it is taken anyway, or it would wait forever.
-            whole = not chunked or e.params.decoder_input_details
-            cost = e.length if whole else min(e.length, budget - prefill_tokens)
-            if (
-                (batch and prefill_tokens + cost > budget)
-                or cost <= 0
-                or (self._kv_hold and (self.running or batch))  # after a refusal: one at a time
-                or not kv.fits(e.length)
-                or len(self.running) + len(batch) >= s.max_batch_size
-            ):
-                self.waiting.appendleft(e)
-                break
-            adapter = e.params.adapter_id
-            if adapter and adapter not in active:
-                if blocked is not None or len(active) >= self.adapter_slots:
-                    blocked = blocked or e
-                    kept.append(e)
-                    continue
-                active.add(adapter)
-            elif blocked is not None and now - blocked.queued_at > s.adapter_slot_patience:
-                kept.append(e)
-                continue
-            batch[e] = cost
-            prefill_tokens += cost
-            kv.take(e.length)  # the whole prompt, chunked or not: the router's count stays an upper bound
-        kept.extend(self.waiting)
-        self.waiting = kept
-        for e in batch:
+        budget = self.settings.max_batch_prefill_tokens if budget is None else budget
+        passed = admission.admit(
+            self.waiting, self.running, self.settings, self.kv, adapter_slots=self.adapter_slots, budget=budget,
+            chunked=chunked, one_at_a_time=self._kv_hold, now=now,
+        )  # fmt: skip
+        for e in passed.cancelled:
+            self._finish(e, None)
+        self.waiting = passed.waiting
+        for e in passed.batch:
             if e.preemptions:  # its wait for a first prefill is already counted
                 continue
             wait = now - e.queued_at
@@ -189,7 +146,7 @@ class Scheduler:
             if wait > self.longest_wait:
                 self.longest_wait = wait
                 self.metrics.longest_queue_wait.set(wait)
-        return batch
+        return passed.batch
 
     def _messages(self, admitted: dict[InFlightRequest, int]) -> tuple[list[InFlightRequest], list[pb.Request]]:
         """The admitted requests' shard messages (running from now on, so that whatever fails reaches them)."""

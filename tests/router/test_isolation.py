@@ -136,14 +136,20 @@ class _RefusingShard(BookkeepingShard):
         super().__init__(4, 64)
         self.code, self.poison = code, poison
 
-    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
-        if any(r.input_ids[0] == self.poison for r in batch.requests):
+    def _check(self, batch: pb.Batch | None) -> None:
+        if batch is not None and any(r.input_ids[0] == self.poison for r in batch.requests):
             raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "refused")
+
+    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
+        self._check(batch)
         return await super().prefill(batch)
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> pb.DecodeResponse:
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], new_batch: pb.Batch | None = None, chunks: dict[int, int] | None = None
+    ) -> pb.DecodeResponse:
         await asyncio.sleep(0.01)  # a real step's time: the first request still runs when the next one comes
-        return await super().decode(batches)
+        self._check(new_batch)  # a step with new requests is refused before anything changes
+        return await super().decode(batches, new_batch, chunks)
 
 
 def test_a_batch_the_shard_refuses_fails_that_batch_only() -> None:
