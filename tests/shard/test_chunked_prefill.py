@@ -13,9 +13,14 @@ from loraplex.common.sampling import SamplingParams
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
 from loraplex.shard.engine import NewRequest, ShardEngine, StepError
+from loraplex.shard.kv_cache import KVCache
+from loraplex.shard.lora.store import AdapterStore
+from loraplex.shard.model_thread import ModelThread
+from loraplex.shard.runner import ModelRunner, build_runner
 from loraplex.shard.server import EngineServicer, serve
 from tests.factories import make_adapter, tiny_model
 from tests.shard.conftest import drive, make_engine
+from tests.shard.test_device_placement import DEVICE, DeviceCheck, Generators, generators  # noqa: F401
 
 NEW_TOKENS = 5
 
@@ -153,3 +158,43 @@ def test_chunks_that_name_unknown_or_decoding_requests_are_invalid_arguments(tmp
             assert health.prefix_cached_blocks > 0 and stub.Info(pb.InfoRequest()).prefix_caching
     finally:
         server.stop(None)
+
+
+def test_chunks_and_cached_prefixes_keep_to_the_model_device(tmp_path: Path, generators: Generators) -> None:  # noqa: F811
+    """The context path (chunks, a cached prefix, decodes beside them) on a stand-in GPU (fake tensors)."""
+    mode = DeviceCheck(generators)
+    base = tiny_model(tmp_path / "base", "llama")
+    make_adapter(base, tmp_path / "a", r=4, target_modules="all-linear")
+    cpu = build_runner(tmp_path / "base", kv_blocks=32, block_size=4)
+    thread = ModelThread()
+    store = AdapterStore(cpu.model.full_config, dtype=cpu.model.dtype, device=DEVICE, pace=thread.between_steps)
+    thread.call(store.load, "a", tmp_path / "a")
+    thread.call(mode.__enter__)
+    try:
+        model = thread.call(cpu.model.to, DEVICE)
+        config = model.config
+        cache = thread.call(
+            KVCache,
+            config,
+            32,
+            4,
+            num_kv_heads=config.num_kv_heads,
+            dtype=model.dtype,
+            device=DEVICE,
+            prefix_caching=True,
+        )
+        engine = ShardEngine(ModelRunner(model, cache), store, thread)
+        prompt = list(range(1, 15))
+        engine.prefill(1, [NewRequest(1, prompt, "a", prefill_chunk=5), NewRequest(2, [3, 4, 5])])
+        again = [
+            NewRequest(3, prompt, "a", prefill_chunk=4),
+            NewRequest(4, prompt, prefill_logprobs=True, prefill_chunk=6),
+        ]
+        engine.step([1], (2, again), {1: 5})
+        _, gens = engine.step([1], None, {1: 5, 3: 20, 4: 20})
+        assert {g.request_id for g in gens} == {1, 2, 3, 4}
+        assert next(g.cached_tokens for g in gens if g.request_id == 3) == 4  # request 1's first block: its first chunk
+        engine.decode([1])
+    finally:
+        thread.call(mode.__exit__, None, None, None)
+        thread.stop()
