@@ -63,26 +63,30 @@ def compile_kernels(arch: str) -> Build:
         options = [*cuda.OPTIONS, f"-arch={arch}", f"-I{include_dir()}", "-Xptxas", "-v"]
         argv = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
         status = lib.nvrtcCompileProgram(prog, len(options), argv)
-        log = _read(lib, prog, "nvrtcGetProgramLogSize", "nvrtcGetProgramLog")
+        log = (
+            _read_bytes(lib, prog, "nvrtcGetProgramLogSize", "nvrtcGetProgramLog")
+            .rstrip(b"\0")
+            .decode(errors="replace")
+        )
         if status != 0:
             raise RuntimeError(f"NVRTC failed for {arch} ({_error(lib, status)}):\n{log}")
-        cubin = _read(lib, prog, "nvrtcGetCUBINSize", "nvrtcGetCUBIN", text=False)
+        cubin = _read_bytes(lib, prog, "nvrtcGetCUBINSize", "nvrtcGetCUBIN")
         lowered = {}
         for name in names:
             out = ctypes.c_char_p()
             _ok(lib, lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)))
             lowered[name] = (out.value or b"").decode()
-        return Build(log, cubin, lowered)  # type: ignore[arg-type]
+        return Build(log, cubin, lowered)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def _read(lib: ctypes.CDLL, prog: ctypes.c_void_p, size_fn: str, get_fn: str, text: bool = True) -> str | bytes:
+def _read_bytes(lib: ctypes.CDLL, prog: ctypes.c_void_p, size_fn: str, get_fn: str) -> bytes:
     size = ctypes.c_size_t()
     _ok(lib, getattr(lib, size_fn)(prog, ctypes.byref(size)))
     buf = ctypes.create_string_buffer(size.value)
     _ok(lib, getattr(lib, get_fn)(prog, buf))
-    return buf.value.decode(errors="replace") if text else buf.raw
+    return buf.raw
 
 
 def _error(lib: ctypes.CDLL, status: int) -> str:
