@@ -133,7 +133,9 @@ class EngineServicer(pb_grpc.ShardServicer):
         )
 
     def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
-        new = (request.new_batch.id, _new_requests(request.new_batch)) if request.HasField("new_batch") else None
+        # A new_batch without requests is no new batch (a router may always set the field).
+        joining = request.HasField("new_batch") and len(request.new_batch.requests) > 0
+        new = (request.new_batch.id, _new_requests(request.new_batch)) if joining else None
         with _status(context):
             batch_id, gens = self.engine.step([b.id for b in request.batches], new, dict(request.chunks))
         return pb.DecodeResponse(
