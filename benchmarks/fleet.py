@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -193,10 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=12, help="clients in the closed loop, over all replicas")
     p.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
     p.add_argument("--max-cpu-adapters", type=int, default=24, help="each replica's host-memory adapter slots")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or REPLICAS) // REPLICAS),
+        help="torch threads per replica (OMP_NUM_THREADS): the replicas share this machine's cores",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by each launcher's shard
     trace = zipf_trace(args.requests, args.adapters, args.exponent, args.seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="loraplex-fleet-") as tmp:
