@@ -1,6 +1,8 @@
 """Decode-step cost of LoRA on SmolLM2: base vs 64 distinct adapters, side by side, against the bandwidth floor.
 
 Run: ``.venv/bin/python benchmarks/decode_step.py [--dtype bfloat16] [--json out.json]``
+``--graph-modes eager,compile`` times case b (64 x r8 q/k/v/o) through ``shard/decode_graph.py`` in those modes
+beside the runner's own decode, interleaved: whether ``torch.compile`` of the static step pays on the CPU.
 """
 
 from __future__ import annotations
@@ -62,20 +64,22 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--graph-modes", default="", help="e.g. eager,compile: case b through DecodeGraph too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype, "cpu")
 
     model_dir = embedded_model_dir()
     tokens = args.batch * (args.prompt_len + args.steps + 4)
-    runner = build_runner(model_dir, dtype=dtype, kv_blocks=3 * (tokens // 16 + args.batch), block_size=16)
+    copies = 3 + (len(args.graph_modes.split(",")) + 1 if args.graph_modes else 0)  # batches held at once
+    runner = build_runner(model_dir, dtype=dtype, kv_blocks=copies * (tokens // 16 + args.batch), block_size=16)
     config = runner.model.config
     store = AdapterStore(config, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.batch):
             store.load(f"attn-{i}", write_adapter(Path(tmp) / f"a{i}", config, 8, ATTENTION, seed=i))
             store.load(f"all-{i}", write_adapter(Path(tmp) / f"c{i}", config, 16, ALL_PROJECTIONS, seed=1000 + i))
-    cases = {
+    cases: dict[str, list[LoraAdapter | None]] = {
         "a: base only": [None] * args.batch,
         "b: 64 x r8 q/k/v/o": [store.get(f"attn-{i}") for i in range(args.batch)],
         "c: 64 x r16 all 7": [store.get(f"all-{i}") for i in range(args.batch)],
@@ -95,6 +99,8 @@ def main() -> int:
     batches = {name: make_batch(runner, adapters, args.prompt_len, seed=7) for name, adapters in cases.items()}
     # One runner per case, so that each batch keeps its own cached LoRA plan.
     runners = {name: ModelRunner(runner.model, runner.cache, decode_lora_dtype=lora_dtype) for name in cases}
+    if args.graph_modes:
+        return compare_graph(runner, batches["b: 64 x r8 q/k/v/o"], lora_dtype, args)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(args.steps + 2):
         for name in cases:  # interleaved, so that machine noise hits every case alike
@@ -131,6 +137,45 @@ def main() -> int:
     print("targets: b/a <= 1.15; c within 1.2x of its floor")
     if args.json:
         args.json.write_text(json.dumps(dict(dtype=args.dtype, bandwidth=bandwidth, rows=rows), indent=2))
+    return 0
+
+
+def compare_graph(
+    runner: ModelRunner, seqs: list[SequenceState], lora_dtype: torch.dtype | None, args: argparse.Namespace
+) -> int:
+    """One batch, its own copy per variant, stepped in turn: the runner's decode and DecodeGraph's modes."""
+    from loraplex.shard.decode_graph import DecodeGraph
+
+    def copy(s: SequenceState) -> SequenceState:
+        blocks: list[int] = []
+        runner.cache.allocator.grow(blocks, len(s.token_ids) + args.steps + 4)
+        for layer in range(runner.model.config.num_layers):  # the same keys and values in fresh blocks
+            for kv in (runner.cache.k, runner.cache.v):
+                kv[layer][blocks[: len(s.blocks)]] = kv[layer][s.blocks]
+        return SequenceState(s.request_id, list(s.token_ids), s.adapter, blocks, s.num_cached)
+
+    length = len(seqs[0].token_ids) + args.steps + 8
+    variants: dict[str, object] = {"runner": ModelRunner(runner.model, runner.cache, decode_lora_dtype=lora_dtype)}
+    for mode in args.graph_modes.split(","):
+        variants[f"graph {mode}"] = DecodeGraph(
+            runner.model, runner.cache, max_batch=len(seqs), max_len=length, slots=len(seqs), max_rank=8,
+            targets=ATTENTION, mode=mode,
+        )  # fmt: skip
+    batches = {name: [copy(s) for s in seqs] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(args.steps + 2):
+        for name, v in variants.items():
+            start = time.perf_counter()
+            logits = v.decode(batches[name])  # type: ignore[attr-defined]
+            elapsed = time.perf_counter() - start
+            for s, t in zip(batches[name], logits.argmax(-1).tolist(), strict=True):
+                s.token_ids.append(t)
+            if i >= 2:  # the first calls compile
+                times[name].append(elapsed)
+    base = statistics.median(times["runner"])
+    print(f"\ncase b, {args.dtype}, batch {len(seqs)}, {args.threads} threads, median of {args.steps} steps")
+    for name, ts in times.items():
+        print(f"{name:<16}{statistics.median(ts) * 1e3:>10.1f} ms {statistics.median(ts) / base:>7.3f} x runner")
     return 0
 
 

@@ -228,3 +228,67 @@ def test_the_lora_backend_check_names_what_is_missing() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--lora-backend", "cupy", "--device", "cpu"])
     assert exit_info.value.code == 2
+
+
+def _cuda_engine(tmp_path: Path) -> ShardEngine:
+    base = tiny_model(tmp_path / "base", "llama")
+    make_adapter(base, tmp_path / "a", r=8, target_modules="all-linear")
+    runner = build_runner(tmp_path / "base", dtype=torch.bfloat16, device="cuda", kv_blocks=64, block_size=4)
+    thread = ModelThread(device="cuda")
+    store = AdapterStore(runner.model.full_config, dtype=torch.bfloat16, device="cuda", pace=thread.between_steps)
+    store.load("a", tmp_path / "a")
+    return ShardEngine(runner, store, thread)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (scripts/gpu_check.sh)")
+def test_a_seeded_sampled_request_on_cuda_does_not_depend_on_its_batch(tmp_path: Path) -> None:
+    engine = _cuda_engine(tmp_path)
+    seeded = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.95, seed=11)
+    try:
+        runs = []
+        for batch_id, others in ((1, []), (2, [NewRequest(9, [5, 6, 7, 8], adapter_id="a")])):
+            gens = engine.prefill(batch_id, [NewRequest(1, [3, 4, 5, 6], adapter_id="a", sampling=seeded), *others])
+            tokens = [gens[0].choice.token_id]
+            for _ in range(5):
+                tokens.append(engine.decode([batch_id])[1][0].choice.token_id)
+            engine.clear(batch_id)
+            runs.append(tokens)
+        assert runs[0] == runs[1]
+    finally:
+        engine.model.stop()
+
+
+def _tp_rank(rank: int, world: int, port: int, model_dir: Path, adapter: Path, out: Path) -> None:
+    from loraplex.shard.parallel import TensorParallel, init_tensor_parallel
+
+    device = f"cuda:{rank}"
+    torch.cuda.set_device(device)  # as the shard's model thread does for its rank
+    tp = (
+        init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device) if world > 1 else TensorParallel()
+    )
+    runner = build_runner(model_dir, dtype=torch.bfloat16, device=device, kv_blocks=64, block_size=4, tp=tp)
+    store = AdapterStore(runner.model.full_config, dtype=torch.bfloat16, device=device, tp=tp)
+    store.load("a", adapter)
+    rows = [store.acquire(["a"], pinned=set())["a"], None, store.acquire(["a"], pinned=set())["a"]]
+    tokens = runner.generate_greedy([([3 + i, 9, 4, 7], a) for i, a in enumerate(rows)], 6)
+    torch.save(tokens, out / f"tp{rank}-of-{world}.pt")
+    if tp.distributed:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two NVIDIA GPUs")
+def test_two_gpus_tensor_parallel_equal_one_gpu(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from tests.servers import free_port
+
+    base = tiny_model(tmp_path / "base", "llama")
+    make_adapter(base, tmp_path / "a", r=8, target_modules="all-linear")
+    _tp_rank(0, 1, 0, tmp_path / "base", tmp_path / "a", tmp_path)
+    mp.spawn(_tp_rank, args=(2, free_port(), tmp_path / "base", tmp_path / "a", tmp_path), nprocs=2, join=True)
+    one = torch.load(tmp_path / "tp0-of-1.pt")
+    assert torch.load(tmp_path / "tp0-of-2.pt") == torch.load(tmp_path / "tp1-of-2.pt")
+    agree = sum(a == b for x, y in zip(one, torch.load(tmp_path / "tp0-of-2.pt"), strict=True) for a, b in zip(x, y, strict=True))
+    assert agree >= 0.9 * sum(len(x) for x in one)  # bf16 partial sums meet in another order over two GPUs
