@@ -264,9 +264,7 @@ def _tp_rank(rank: int, world: int, port: int, model_dir: Path, adapter: Path, o
 
     device = f"cuda:{rank}"
     torch.cuda.set_device(device)  # as the shard's model thread does for its rank
-    tp = (
-        init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device) if world > 1 else TensorParallel()
-    )
+    tp = init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device) if world > 1 else TensorParallel()
     runner = build_runner(model_dir, dtype=torch.bfloat16, device=device, kv_blocks=64, block_size=4, tp=tp)
     store = AdapterStore(runner.model.full_config, dtype=torch.bfloat16, device=device, tp=tp)
     store.load("a", adapter)
@@ -290,5 +288,6 @@ def test_two_gpus_tensor_parallel_equal_one_gpu(tmp_path: Path) -> None:
     mp.spawn(_tp_rank, args=(2, free_port(), tmp_path / "base", tmp_path / "a", tmp_path), nprocs=2, join=True)
     one = torch.load(tmp_path / "tp0-of-1.pt")
     assert torch.load(tmp_path / "tp0-of-2.pt") == torch.load(tmp_path / "tp1-of-2.pt")
-    agree = sum(a == b for x, y in zip(one, torch.load(tmp_path / "tp0-of-2.pt"), strict=True) for a, b in zip(x, y, strict=True))
+    two = torch.load(tmp_path / "tp0-of-2.pt")
+    agree = sum(a == b for x, y in zip(one, two, strict=True) for a, b in zip(x, y, strict=True))
     assert agree >= 0.9 * sum(len(x) for x in one)  # bf16 partial sums meet in another order over two GPUs
