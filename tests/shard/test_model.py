@@ -102,7 +102,7 @@ def test_prefill_in_several_calls_generates_the_same_tokens(tmp_path: Path) -> N
         sizes.append(len(seqs))
         return prefill(seqs, all_logits)
 
-    runner.prefill = counted  # type: ignore[method-assign]
+    runner.prefill = counted  # type: ignore[method-assign, assignment]
     assert runner.generate_greedy(requests, 4, prefill_batch=2) == whole
     assert sizes == [2, 2, 1]
     assert runner.cache.allocator.num_used == 0
@@ -119,7 +119,7 @@ def test_prefill_in_several_calls_generates_the_same_tokens(tmp_path: Path) -> N
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral_sliding"])
 def test_cuda_logits_match_transformers_on_cuda_prefill_and_decode(tmp_path: Path, kind: str) -> None:
     """The blocks-first KV cache and both attention paths on the GPU, against transformers on the GPU."""
-    hf = tiny_model(tmp_path, kind).to("cuda")
+    hf = tiny_model(tmp_path, kind).to("cuda")  # type: ignore[arg-type]
     runner = build_runner(tmp_path, device="cuda", kv_blocks=64, block_size=4)
     gen = torch.Generator().manual_seed(2)
     vocab = hf.config.vocab_size
