@@ -21,7 +21,9 @@ class ContextGroup:
 
     token_index: torch.Tensor | None  # packed rows of this group's tokens; None: every token of the step
     block_tables: torch.Tensor  # [batch, max_blocks]
-    key_mask: torch.Tensor  # [batch, 1, queries, max_blocks * block_size], True = attend
+    # [batch, 1, queries, max_blocks * block_size]: True = attend for one query a sequence, else additive
+    # (0 or -inf, in the queries' dtype)
+    key_mask: torch.Tensor
     queries: int
     pad_index: torch.Tensor | None = None  # [group tokens] -> row in [batch * queries]; None: no padding
 

@@ -199,7 +199,10 @@ class ModelRunner:
         pad_index = None
         if min(lens) != queries:
             pad_index = torch.tensor([k * queries + j for k, n in enumerate(lens) for j in range(n)], device=device)
-        return ContextGroup(token_index, tables, mask[:, None].to(device), queries, pad_index)
+        mask = mask[:, None]
+        if queries > 1:  # an additive mask: CPU fused attention takes 0.7-0.9x the time it takes with a boolean one
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill_(~mask, float("-inf"))
+        return ContextGroup(token_index, tables, mask.to(device), queries, pad_index)
 
     @torch.inference_mode()
     def decode(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
