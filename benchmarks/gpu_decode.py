@@ -1,18 +1,20 @@
-"""Decode throughput on the GPU with Mistral-7B's shapes (random bf16 weights made on the device), base
-only vs 64 distinct adapters, side by side in one run.
+"""Decode on the GPU with Llama-3-8B's shapes (random bf16 weights made on the device): base vs 64 distinct
+rank-8 q/k/v/o adapters, eager and CUDA-graphed (``shard/decode_graph.py``), side by side in one run.
 
 Run (NVIDIA GPU, CuPy): ``python3 benchmarks/gpu_decode.py [--json out.json]``.
-- b: 64 distinct rank-8 adapters on q/k/v/o (the shape of LoRA Land's adapters, 13.6 MB each in bf16);
-  target: throughput >= 0.85 x base.
-- c: 64 distinct rank-16 adapters on all seven projections; reported next to its memory-bandwidth floor
-  (base step + adapter bytes / measured copy bandwidth).
+- step ratios: base step time / mixed step time (a throughput ratio; target >= 0.9 graphed on an H200);
+- served: tokens per second through the shard engine (its model thread, metadata, sampling; eager decode,
+  no router), mixed / base.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.kernels_gpu import copy_bandwidth, gpu_arguments
 from loraplex.shard.config import ModelConfig
+from loraplex.shard.decode_graph import DecodeGraph
 from loraplex.shard.kv_cache import KVCache
 from loraplex.shard.lora.adapter import LoraAdapter, ProjectionWeights
 from loraplex.shard.model import CausalLM
 from loraplex.shard.projections import PROJECTIONS
 from loraplex.shard.runner import ModelRunner, SequenceState
 
-MISTRAL_7B = {
-    "architectures": ["MistralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "sliding_window": None,
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 8192, "rope_theta": 500000.0,
 }  # fmt: skip
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROMPT = 128
 
 
 def random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], seed: int) -> LoraAdapter:
@@ -51,63 +55,115 @@ def random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], see
     return LoraAdapter(f"r{rank}-{seed}", projections, nbytes)
 
 
-def decode_seconds(runner: ModelRunner, adapters: list[LoraAdapter | None], steps: int) -> float:
-    """Median seconds of one decode step over a batch with 128-token prompts, one row per adapter."""
-    seqs = [SequenceState(i, [(7 * i + j) % 32000 for j in range(128)], a) for i, a in enumerate(adapters)]
+def step_seconds(step: Any, runner: ModelRunner, adapters: list[LoraAdapter | None], steps: int) -> float:
+    """Median seconds of one decode step (``step(seqs)``) over a batch with 128-token prompts."""
+    seqs = [SequenceState(i, [(7 * i + j) % 32000 for j in range(PROMPT)], a) for i, a in enumerate(adapters)]
     runner.prefill(seqs)
     times = []
-    for step in range(steps):
+    for n in range(steps + 2):
         for s in seqs:
-            s.token_ids.append(step + 1)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        runner.decode(seqs)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+            s.token_ids.append(n + 1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()  # host clock after a sync: host-bound steps count their host time
+        step(seqs)
+        torch.cuda.synchronize()
+        if n >= 2:  # the first steps capture graphs
+            times.append(time.perf_counter() - start)
     for s in seqs:
         runner.release(s)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
+
+
+def served_tokens_per_second(runner: ModelRunner, adapter_dirs: list[Path | None], steps: int) -> float:
+    """Tokens per second through ShardEngine (model thread, adapter store, metadata, greedy choice; eager):
+    prefill, then ``steps`` decode calls of the whole batch."""
+    from loraplex.shard.engine import NewRequest, ShardEngine
+    from loraplex.shard.lora.store import AdapterStore
+    from loraplex.shard.model_thread import ModelThread
+
+    thread = ModelThread(device="cuda")
+    store = AdapterStore(
+        runner.model.full_config, dtype=torch.bfloat16, device="cuda", max_active=len(adapter_dirs),
+        pace=thread.between_steps,
+    )  # fmt: skip
+    names = []
+    for i, d in enumerate(adapter_dirs):
+        if d is not None:
+            store.load(f"a{i}", d)
+        names.append(f"a{i}" if d is not None else "")
+    requests = [NewRequest(i, [(7 * i + j) % 32000 for j in range(PROMPT)], n) for i, n in enumerate(names)]
+    engine = ShardEngine(runner, store, thread)
+    try:
+        engine.prefill(1, requests)
+        engine.decode([1])
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.decode([1])
+        torch.cuda.synchronize()
+        return steps * len(requests) / (time.perf_counter() - start)
+    finally:
+        engine.clear()
+        thread.stop()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-served", action="store_true", help="skip the engine's end-to-end figure")
     args = gpu_arguments(parser)
     if args is None:
         return 2
-    config = ModelConfig.from_dict(MISTRAL_7B)
+    config = ModelConfig.from_dict(LLAMA_8B)
     model = CausalLM.random(config, torch.bfloat16, "cuda")
-    cache = KVCache(config, 64 * args.batch, 16, num_kv_heads=config.num_kv_heads, dtype=torch.bfloat16, device="cuda")
+    max_len = PROMPT + args.steps + 16
+    blocks = 3 * args.batch * (-(-max_len // 16)) + 8
+    cache = KVCache(config, blocks, 16, num_kv_heads=config.num_kv_heads, dtype=torch.bfloat16, device="cuda")
     runner = ModelRunner(model, cache)
-    small = [random_adapter(config, 8, ATTENTION, seed=i) for i in range(args.batch)]
-    heavy = [random_adapter(config, 16, tuple(PROJECTIONS), seed=1000 + i) for i in range(args.batch)]
-    copy = copy_bandwidth()
+    mixed: list[LoraAdapter | None] = [random_adapter(config, 8, ATTENTION, seed=i) for i in range(args.batch)]
     base: list[LoraAdapter | None] = [None] * args.batch
-    rounds: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    base_graph = DecodeGraph(model, cache, max_batch=args.batch, max_len=max_len, targets=(), mode="graph")
+    lora_graph = DecodeGraph(
+        model, cache, max_batch=args.batch, max_len=max_len, slots=args.batch, max_rank=8, targets=ATTENTION
+    )
+    copy = copy_bandwidth()
+    cases = {
+        "eager base": (runner.decode, base),
+        "eager mixed": (runner.decode, mixed),
+        "graph base": (base_graph.decode, base),
+        "graph mixed": (lora_graph.decode, mixed),
+    }
+    rounds: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(3):  # interleaved, so drift hits every case alike
-        rounds["a"].append(decode_seconds(runner, base, args.steps))
-        rounds["b"].append(decode_seconds(runner, list(small), args.steps))
-        rounds["c"].append(decode_seconds(runner, list(heavy), args.steps))
-    step = {k: sorted(v)[1] for k, v in rounds.items()}
-    heavy_bytes = sum(a.memory_bytes for a in heavy)
+        for name, (step, adapters) in cases.items():
+            rounds[name].append(step_seconds(step, runner, adapters, args.steps))
+    t = {k: statistics.median(v) for k, v in rounds.items()}
+    adapter_mb = sum(p.a.nbytes + p.b.nbytes for p in mixed[0].projections.values()) / 1e6 if mixed[0] else 0
     result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
         "batch": args.batch,
         "copy_gbs": round(copy / 1e9, 1),
-        "base_step_ms": round(step["a"] * 1e3, 2),
-        "b_adapter_mb": round(small[0].memory_bytes / 1e6, 1),
-        "b_throughput_ratio": round(step["a"] / step["b"], 3),
-        "c_throughput_ratio": round(step["a"] / step["c"], 3),
-        "c_floor_ratio": round(step["a"] / (step["a"] + heavy_bytes / copy), 3),
+        "adapter_mb": round(adapter_mb, 1),
+        **{f"{k.replace(' ', '_')}_ms": round(v * 1e3, 3) for k, v in t.items()},
+        "eager_ratio": round(t["eager base"] / t["eager mixed"], 3),
+        "graph_ratio": round(t["graph base"] / t["graph mixed"], 3),
+        "graph_speedup_base": round(t["eager base"] / t["graph base"], 2),
     }
+    if not args.no_served:
+        from loraplex.bench.adapters import write_adapter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs: list[Path | None] = [
+                write_adapter(Path(tmp) / f"a{i}", config, 8, ATTENTION, seed=i) for i in range(args.batch)
+            ]
+            base_tps = served_tokens_per_second(runner, [None] * args.batch, args.steps)
+            mixed_tps = served_tokens_per_second(runner, dirs, args.steps)
+        result.update(served_base_tps=round(base_tps, 1), served_mixed_tps=round(mixed_tps, 1))
+        result["served_ratio"] = round(mixed_tps / base_tps, 3)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(
-        f"\ndecode, batch {args.batch}: 64 x r8 qkvo = {result['b_throughput_ratio']} x base (target >= 0.85); "
-        f"64 x r16 all = {result['c_throughput_ratio']} x base vs floor {result['c_floor_ratio']}"
-    )
     return 0
 
 
