@@ -1,6 +1,8 @@
-"""Decode attention: the CPU block-diagonal form against PyTorch's fused attention, and which one runs."""
+"""Attention: the CPU block-diagonal decode against fused attention, which one runs, and chunks after cached keys."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ import torch.nn.functional as F
 
 from loraplex.shard.attention import AttentionInput, attention, block_diagonal_pays, decode_block_diagonal
 from loraplex.shard.kv_cache import KVCache
-from tests.factories import attention_config
+from loraplex.shard.runner import SequenceState, build_runner
+from tests.factories import attention_config, tiny_model
 
 
 def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,3 +101,31 @@ def test_block_diagonal_is_taken_where_it_was_measured_to_pay(
 ) -> None:
     q = torch.empty(2, heads, dim, dtype=dtype, device=device)
     assert block_diagonal_pays(q, kv_heads) is expected
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral_sliding", "qwen2"])
+def test_chunks_after_cached_keys_match_transformers(tmp_path: Path, kind: str) -> None:
+    """New tokens at [start, end) attending to cached keys through the block table, beside a decode and a
+    fresh prompt in the same step: every row's logits against transformers' own on the whole sequence."""
+    hf = tiny_model(tmp_path, kind)
+    runner = build_runner(tmp_path, kv_blocks=32, block_size=4)
+    gen = torch.Generator().manual_seed(2)
+    vocab = hf.config.vocab_size
+    chunked = SequenceState(0, torch.randint(vocab, (19,), generator=gen).tolist())
+    decoding = SequenceState(1, torch.randint(vocab, (6,), generator=gen).tolist())
+    runner.prefill([decoding])
+    decoding.token_ids.append(5)
+    late = SequenceState(2, torch.randint(vocab, (3,), generator=gen).tolist())  # padded to the chunk beside it
+    steps = [[(chunked, 7)], [(chunked, 5), (decoding, 1), (late, 3)], [(decoding, 1), (chunked, 7)]]
+    with torch.no_grad():
+        for work in steps:
+            starts = [s.num_cached for s, _ in work]
+            logits = runner.step(work, [True] * len(work))
+            row = 0
+            for (s, n), start in zip(work, starts, strict=True):
+                ref = hf(input_ids=torch.tensor([s.token_ids[: start + n]])).logits[0, start:]
+                torch.testing.assert_close(logits[row : row + n], ref, atol=1e-4, rtol=1e-4)
+                row += n
+            if decoding.num_cached == len(decoding.token_ids):
+                decoding.token_ids.append(9)
+    assert chunked.num_cached == 19 and late.num_cached == 3
