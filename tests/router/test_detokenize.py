@@ -108,3 +108,25 @@ def test_stop_matching_reads_only_the_tail() -> None:
     assert stream.recent(7) == "defghij"
     assert stream.recent(100) == "abcdefghij"
     assert stream.text == "abcdefghij"
+
+
+def test_work_per_token_does_not_grow_with_the_output(byte_level: TextTokenizer) -> None:
+    """Tokens handed to the tokenizer per new token: the same near the start and 2,000 tokens in (a whole
+    decode each step would hand it the whole output)."""
+    fed: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int], skip_special: bool = True) -> str:
+            fed.append(len(ids))
+            return byte_level.decode(ids, skip_special)
+
+    ids = byte_level.encode(" ".join(TEXTS) * 40)[:2100]
+    stream, counting = TextStream(), Counting()
+    per_token = []
+    for i in ids:
+        before = sum(fed)
+        stream.push(counting, i)
+        per_token.append(sum(fed) - before)
+    assert stream.text == byte_level.decode(ids)
+    early, late = per_token[50:100], per_token[-50:]
+    assert max(late) <= 12 and sum(late) <= sum(early) * 1.5 + 10
