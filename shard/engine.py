@@ -135,7 +135,13 @@ class ShardEngine:
             if self.runner.prefix is not None and looked_up:
                 queried = sum(len(e.seq.token_ids) for e in looked_up)  # before any token is sampled
                 self.runner.prefix.record(queried, sum(e.cached_tokens for e in looked_up))
-            return merged, [] if logits is None else self._generations(work, full, logits)
+            try:
+                return merged, [] if logits is None else self._generations(work, full, logits)
+            except BaseException:
+                if not batch_ids:  # a failed prefill keeps nothing, as the router drops its requests
+                    for e in self._batches.pop(merged):
+                        self.runner.release(e.seq)
+                raise
 
     def _check_step(
         self, batch_ids: Sequence[int], new: tuple[int, Sequence[NewRequest]] | None, chunks: Mapping[int, int]

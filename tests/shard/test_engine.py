@@ -58,3 +58,15 @@ def test_an_engine_refuses_a_store_that_loads_off_its_model_thread(engine: Shard
     unpaced = AdapterStore(engine.runner.model.config, dtype=torch.float32)
     with pytest.raises(ValueError, match="pace"):
         ShardEngine(engine.runner, unpaced, engine.model)
+
+
+def test_a_prefill_whose_sampling_fails_keeps_no_batch_and_no_block(
+    engine: ShardEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("sampler failed")
+
+    monkeypatch.setattr("loraplex.shard.engine.choose_tokens", broken)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        engine.prefill(1, [NewRequest(1, [1, 2, 3, 4, 5])])
+    assert engine.stats() == (0, 8, 0, 0)
