@@ -157,3 +157,56 @@ def test_the_charts_picker_reads_metrics_this_server_serves(live: Server) -> Non
     fams = families(httpx.get(live.url + "/metrics", timeout=10).text)
     for key, name in names.items():
         assert name in fams and fams[name].type == "gauge", key
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, list[str]]]:
+    """5,000 adapters on disk, loaded on demand by a server that names at most TOP of them in /metrics."""
+    from tests.factories import tiny_served_model, write_raw_adapter
+
+    top = tmp_path_factory.mktemp("many")
+    model_dir = top / "model"
+    tiny_served_model(model_dir)
+    ids = [f"pool/a{i:04d}" for i in range(5000)]
+    for i, adapter in enumerate(ids):
+        write_raw_adapter(top / "adapters" / adapter, model_dir, rank=1, targets=("q_proj",), seed=i)
+    server = start_server(
+        top,
+        model_dir,
+        {},
+        "--metrics-top-adapters",
+        str(TOP),
+        "--max-concurrent-requests",
+        "256",
+        shard_args=("--adapter-dirs", str(top / "adapters"), "--max-active-adapters", "8", "--max-cpu-adapters", "64"),
+    )
+    yield server, ids
+    server.stop()
+
+
+@pytest.mark.slow
+def test_5000_adapters_requested_once_each_on_a_running_server(many: tuple[Server, list[str]]) -> None:
+    server, ids = many
+
+    async def run() -> None:
+        gate = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def one(adapter: str) -> None:
+                async with gate:
+                    params = {"adapter_id": adapter, "max_new_tokens": 1}
+                    r = await client.post(server.url + "/generate", json={"inputs": "hi", "parameters": params})
+                assert r.status_code == 200, r.text
+
+            await asyncio.gather(*(one(a) for a in ids))
+
+    asyncio.run(run())
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    assert len(text.encode()) < 1_000_000
+    fams = families(text)
+    labels = {s.labels["adapter"] for f in fams.values() for s in f.samples if "adapter" in s.labels}
+    assert len(labels - {"other"}) <= TOP and "other" in labels
+    requests = fams["loraplex_adapter_requests"].samples
+    assert sum(s.value for s in requests if s.name.endswith("_total")) == len(ids)  # ties never demote
+    (lora,) = fams["vllm:lora_requests_info"].samples
+    assert len(split(lora.labels["running_lora_adapters"])) <= 8 + 64  # what the tiers hold
