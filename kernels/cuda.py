@@ -74,12 +74,11 @@ def _cupy_launch(
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    function = _module(index).get_function(name)
     # The tensors' device and torch's current stream on it: the launch orders with the surrounding torch
     # work, and a CUDA graph capturing that stream captures it too; nothing here waits for the device.
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
     with cupy.cuda.Device(index), stream:
-        function(grid, block, args)
+        _module(index).get_function(name)(grid, block, args)  # the module is loaded in that device's context
 
 
 _launch: Launch = _cupy_launch
@@ -97,10 +96,14 @@ def warm_up(device: torch.device | str = "cuda") -> None:
 
     Raises whatever CuPy raises when a kernel does not compile: the shard then refuses to start.
     """
+    import cupy
+
     index = torch.device(device).index
-    module = _module(index if index is not None else torch.cuda.current_device())
-    for name in NAMES:
-        module.get_function(name)
+    index = index if index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        module = _module(index)
+        for name in NAMES:
+            module.get_function(name)
 
 
 def _check(x: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> None:

@@ -51,8 +51,8 @@ def _case(mix: str, h_in: int, h_out: int, dtype: torch.dtype, seed: int) -> Non
     a_t = [torch.randn(r, h_in, generator=gen, device="cuda").to(dtype) / h_in**0.5 for r in ranks]
     b = [torch.randn(r, h_out, generator=gen, device="cuda").to(dtype) for r in ranks]
     x = torch.randn(total, h_in, generator=gen, device="cuda").to(dtype)
-    wide = torch.randn(total, h_out + 37, generator=gen, device="cuda").to(dtype)  # poisoned output
-    y = wide[:, 5 : 5 + h_out]  # a column slice of a fused output: strided rows
+    wide = torch.randn(total, h_out + 40, generator=gen, device="cuda").to(dtype)  # poisoned output
+    y = wide[:, 8 : 8 + h_out]  # a column slice of a fused output: strided rows, 16-byte aligned as the k/v slices
     before = wide.clone()
 
     segs = Segments.build(members, ranks, torch.device("cuda"), total)
@@ -61,21 +61,21 @@ def _case(mix: str, h_in: int, h_out: int, dtype: torch.dtype, seed: int) -> Non
     # The oracle: the same call on the reference, in float64.
     a64 = SegmentWeights.of([t.double().unsqueeze(0) for t in a_t])
     b64 = SegmentWeights.of([t.double().unsqueeze(0) for t in b])
-    y64 = before[:, 5 : 5 + h_out].double()
+    y64 = before[:, 8 : 8 + h_out].double()
     reference.expand(y64, reference.shrink(x.double(), segs, a64, 0), segs, b64, 0)
-    expected = y64 - before[:, 5 : 5 + h_out].double()
+    expected = y64 - before[:, 8 : 8 + h_out].double()
 
     deltas = []
     for _ in range(2):  # a result that moves between runs is a race
         wide.copy_(before)
         cuda.expand(y, cuda.shrink(x, segs, a, 0), segs, b_w, 0)
         torch.cuda.synchronize()
-        deltas.append(wide[:, 5 : 5 + h_out].double() - before[:, 5 : 5 + h_out].double())
+        deltas.append(wide[:, 8 : 8 + h_out].double() - before[:, 8 : 8 + h_out].double())
         touched = sorted(r for rows in members for r in rows)
         untouched = [r for r in range(total) if r not in set(touched)]
         assert torch.equal(wide[untouched].view(torch.int16), before[untouched].view(torch.int16))
-        assert torch.equal(wide[:, :5].view(torch.int16), before[:, :5].view(torch.int16))
-        assert torch.equal(wide[:, 5 + h_out :].view(torch.int16), before[:, 5 + h_out :].view(torch.int16))
+        assert torch.equal(wide[:, :8].view(torch.int16), before[:, :8].view(torch.int16))
+        assert torch.equal(wide[:, 8 + h_out :].view(torch.int16), before[:, 8 + h_out :].view(torch.int16))
         if touched:
             err = float((deltas[-1][touched] - expected[touched]).norm() / expected[touched].norm())
             # The output is rounded to dtype once more than the reference: allow that rounding too.
