@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from loraplex.shard.lora.plan import LoraPlan, make_plan
 from loraplex.shard.model import CausalLM
 from loraplex.shard.parallel import TensorParallel
 from loraplex.shard.prefix_cache import PrefixIndex, adapter_identity, block_hashes, chain_next, chain_seed
+
+if TYPE_CHECKING:
+    from loraplex.shard.decode_graph import DecodeGraph
 
 
 @dataclass(eq=False)
@@ -56,6 +60,8 @@ class ModelRunner:
         self.prefill_lora_dtype = prefill_lora_dtype
         self._plan_key: tuple[int, ...] | None = None
         self._plan: LoraPlan | None = None
+        # A capturable decode (shard/decode_graph.py), used for the decode-only steps it fits when set.
+        self.decode_graph: DecodeGraph | None = None
 
     @property
     def prefix(self) -> PrefixIndex | None:
@@ -211,6 +217,10 @@ class ModelRunner:
             raise ValueError("decode takes prefilled sequences with exactly one new token each")
         device = self.model.device
         self._reserve(seqs, [len(s.token_ids) for s in seqs])
+        if self.decode_graph is not None and self.decode_graph.fits(seqs):
+            logits = self.decode_graph.step(seqs)
+            self._advance([(s, 1) for s in seqs])
+            return logits
         positions = [s.num_cached for s in seqs]
         blocks, offsets = self._slots(seqs, [range(p, p + 1) for p in positions])
         width = max(len(s.blocks) for s in seqs)

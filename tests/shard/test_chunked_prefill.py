@@ -198,3 +198,22 @@ def test_chunks_and_cached_prefixes_keep_to_the_model_device(tmp_path: Path, gen
     finally:
         thread.call(mode.__exit__, None, None, None)
         thread.stop()
+
+
+def test_decode_steps_through_the_decode_graph_give_the_same_tokens(tmp_path: Path) -> None:
+    """The runner's hook for a capturable decode: decode-only steps run there, the others eagerly, and the
+    prefix cache still names the blocks the graph's steps filled."""
+    from loraplex.shard.decode_graph import DecodeGraph
+
+    engine, vocab = _world(tmp_path, "llama", caching=True)
+    requests = _requests(vocab, [12, 3, 20], seed=6)
+    eager = drive(engine, requests, 9, arrivals=1, chunk=6)
+    engine.clear()
+    runner = engine.runner
+    runner.decode_graph = DecodeGraph(runner.model, runner.cache, max_batch=4, max_len=64, slots=4, mode="eager")
+    graphed = drive(engine, [replace(r, request_id=r.request_id + 10) for r in requests], 9, arrivals=1, chunk=6)
+    assert list(graphed.tokens.values()) == list(eager.tokens.values())
+    assert runner.decode_graph._runners  # its buckets ran: decode-only steps went through it
+    turn = requests[1].input_ids + graphed.tokens[11] + [4]
+    follow = drive(engine, [NewRequest(30, turn, requests[1].adapter_id)], 1, first_batch_id=30)
+    assert follow.cached[30] == (len(turn) - 2) // 4 * 4  # the answer's blocks, filled by graph steps, found
