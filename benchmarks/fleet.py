@@ -4,7 +4,7 @@ Run: ``.venv/bin/python benchmarks/fleet.py [--requests 1000] [--adapters 200] [
 
 A measurement tool, not a product feature (in a cluster the Gateway API Inference Extension's Endpoint Picker
 routes; docs/deploy.md). Three ``loraplex-launcher`` replicas serve a tiny random Llama, each with
-``--max-active-adapters 8`` and ``--max-cpu-adapters 24`` (memory for 32 of the 200 adapters per replica),
+``--max-active-adapters 8`` and ``--max-cpu-adapters 40`` (memory for 48 of the 200 adapters per replica),
 loading adapters on demand from one directory. One Zipf trace is sent twice, each time to freshly started
 replicas, by ``--concurrency`` clients in a closed loop:
 
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--exponent", type=float, default=1.0, help="the Zipf trace's exponent")
     p.add_argument("--concurrency", type=int, default=12, help="clients in the closed loop, over all replicas")
     p.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
-    p.add_argument("--max-cpu-adapters", type=int, default=24, help="each replica's host-memory adapter slots")
+    p.add_argument("--max-cpu-adapters", type=int, default=40, help="each replica's host-memory adapter slots")
     p.add_argument(
         "--threads",
         type=int,
