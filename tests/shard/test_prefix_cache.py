@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
+from loraplex.proto.shard.v1 import shard_pb2 as pb
+from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
 from loraplex.shard.engine import NewRequest, ShardEngine
 from loraplex.shard.kv_cache import BlockAllocator, KVCacheFull
 from loraplex.shard.lora.adapter import LoraAdapter
@@ -239,3 +244,29 @@ def test_a_step_the_router_counts_as_fitting_is_never_refused(tmp_path: Path) ->
         run = drive(engine, [NewRequest(i, prompts[i], "a"), NewRequest(i + 1, prompts[i + 1], "a")], NEW_TOKENS)
         assert all(len(t) == NEW_TOKENS for t in run.tokens.values())
     assert engine.stats()[0] == 0 and engine.prefix_stats()[1] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", [False, True])
+def test_the_shard_process_turns_caching_off_with_its_flag(tmp_path: Path, flag: bool) -> None:
+    tiny_model(tmp_path / "model", "llama")
+    sock = tmp_path / "shard.sock"
+    cmd = [sys.executable, "-m", "loraplex.shard.main", "--model-id", str(tmp_path / "model")]
+    cmd += ["--listen", f"unix://{sock}", "--max-batch-total-tokens", "256", "--block-size", "4"]
+    proc = subprocess.Popen([*cmd, *(["--no-prefix-caching"] if flag else [])], stderr=subprocess.PIPE)
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            stub = pb_grpc.ShardStub(channel)
+            assert stub.Info(pb.InfoRequest()).prefix_caching is not flag
+            prompt = list(range(3, 20))
+            for batch in (1, 2):  # the second finds the first's blocks, unless caching is off
+                stub.Prefill(
+                    pb.PrefillRequest(batch=pb.Batch(id=batch, requests=[pb.Request(id=batch, input_ids=prompt)]))
+                )
+                stub.ClearCache(pb.ClearCacheRequest())
+            health = stub.Health(pb.HealthRequest())
+            assert (health.prefix_queried_tokens, health.prefix_hit_tokens) == ((0, 0) if flag else (34, 16))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
