@@ -73,11 +73,12 @@ def test_patterns_too_long_or_too_many_are_refused_before_matching(
     base, _ = model
     d = write_raw_adapter(tmp_path / "a", base, rank=2)
     config = ModelConfig.from_dir(base)
-    for changes, words in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"rank_pattern": {"q" * (MAX_PATTERN_CHARS + 1): 2}}, "characters"),
         ({"alpha_pattern": {f"k{i}": 1.0 for i in range(5000)}}, "keys"),
         ({"target_modules": "a" * 1000}, "characters"),
-    ]:
+    ]
+    for changes, words in cases:
         _edit(d, rank_pattern={}, alpha_pattern={}, target_modules=["q_proj", "v_proj"])
         _edit(d, **changes)
         with pytest.raises(AdapterError, match=words) as info:
