@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -35,7 +35,7 @@ class AdapterNames:
         self.show_ids = show_ids
         self.requests: Tally[str] = Tally()  # every adapter's requests since start (memory, not series)
         self.named: set[str] = set()
-        self._metrics: list[AdapterLabelled[Counter] | AdapterLabelled[Gauge]] = []
+        self._droppers: list[Callable[[str], None]] = []  # each removes a demoted adapter's series
 
     def label(self, adapter: str) -> str:
         if adapter == "base":
@@ -59,12 +59,12 @@ class AdapterNames:
         weakest = min(self.named, key=self.requests.__getitem__)
         if self.requests[adapter] > self.requests[weakest]:  # strictly: ties never churn series
             self.named.discard(weakest)
-            for metric in self._metrics:
-                metric.drop(weakest)
+            for drop in self._droppers:
+                drop(weakest)
             self.named.add(adapter)
 
-    def attach(self, metric: AdapterLabelled[Counter] | AdapterLabelled[Gauge]) -> None:
-        self._metrics.append(metric)
+    def on_demotion(self, drop: Callable[[str], None]) -> None:
+        self._droppers.append(drop)
 
 
 class AdapterLabelled(Generic[M]):
@@ -78,11 +78,7 @@ class AdapterLabelled(Generic[M]):
     def __init__(self, metric: M, names: AdapterNames) -> None:
         self.metric: M = metric
         self.names = names
-        names.attach(self)
-
-    @property
-    def show_ids(self) -> bool:
-        return self.names.show_ids
+        names.on_demotion(self.drop)
 
     def labels(self, adapter: str, *rest: str) -> M:
         return self.metric.labels(self.names.label(adapter), *rest)
@@ -193,6 +189,7 @@ class Metrics:
             ["adapter", "tier"],
             registry=r,
         )
+        names.on_demotion(self._drop_tiers)
         self.adapters_loaded = Gauge(
             "loraplex_adapters_loaded", "Adapters loaded, by tier (host or device)", ["tier"], registry=r
         )
@@ -207,6 +204,11 @@ class Metrics:
             "loraplex_queue_wait_longest_seconds", "Longest time any request waited for prefill", registry=r
         )
         self._protocol(r)
+
+    def _drop_tiers(self, adapter: str) -> None:
+        for tier in ("host", "device"):
+            with contextlib.suppress(KeyError):
+                self.adapter_tier.remove(adapter, tier)
 
     def _protocol(self, r: CollectorRegistry) -> None:
         """The model-server protocol's metrics (what gateways' endpoint pickers read), each under loraplex's

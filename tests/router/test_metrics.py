@@ -63,6 +63,8 @@ def test_the_most_requested_adapters_take_the_names_and_the_rest_are_other() -> 
         serve_request(metrics, adapter)
     text = metrics.render().decode()
     assert adapter_labels(text) == {"a", "b", "c", OTHER}
+    for adapter in ("a", "b", "c"):  # loaded: the tier gauge names them too (named adapters only)
+        metrics.adapter_tier.labels(adapter, "host").set(1)
     for _ in range(3):
         serve_request(metrics, "d")  # d overtakes the least requested (a tie among a, b, c: one goes)
     text = metrics.render().decode()
@@ -71,7 +73,7 @@ def test_the_most_requested_adapters_take_the_names_and_the_rest_are_other() -> 
     demoted = ({"a", "b", "c"} - labels).pop()
     metrics.adapter_tokens.labels(demoted).inc()  # its request still running: counted as other from now on
     after = families(metrics.render().decode())
-    for name in PER_ADAPTER:  # its own series are gone
+    for name in (*PER_ADAPTER, "loraplex_adapter_tier"):  # its own series are gone
         assert demoted not in {s.labels.get("adapter") for s in after[name].samples}
     requests = {s.labels["adapter"]: s.value for s in after["loraplex_adapter_requests"].samples if "_total" in s.name}
     assert requests["d"] == 3  # its series starts when it is named (its first request counted as other)
