@@ -13,7 +13,7 @@ from loraplex.common.sampling import SamplingParams
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
 from loraplex.shard.engine import NewRequest, ShardEngine, StepError
-from loraplex.shard.kv_cache import KVCache
+from loraplex.shard.kv_cache import KVCache, KVCacheFull
 from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.model_thread import ModelThread
 from loraplex.shard.runner import ModelRunner, build_runner
@@ -217,3 +217,84 @@ def test_decode_steps_through_the_decode_graph_give_the_same_tokens(tmp_path: Pa
     turn = requests[1].input_ids + graphed.tokens[11] + [4]
     follow = drive(engine, [NewRequest(30, turn, requests[1].adapter_id)], 1, first_batch_id=30)
     assert follow.cached[30] == (len(turn) - 2) // 4 * 4  # the answer's blocks, filled by graph steps, found
+
+
+def _check_blocks(engine: ShardEngine) -> None:
+    """Every block is exactly one of: free, cached and unused, or referenced once per live sequence holding it."""
+    alloc = engine.runner.cache.allocator
+    held: dict[int, int] = {}
+    for batch in engine._batches.values():
+        for e in batch:
+            for block in e.seq.blocks:
+                held[block] = held.get(block, 0) + 1
+    unused = set(alloc.prefix.unused) if alloc.prefix is not None else set()
+    free = set(alloc._free)
+    assert len(free) == len(alloc._free) and not free & unused and not (free | unused) & set(held)
+    assert len(free) + len(unused) + len(held) == alloc.num_blocks
+    assert all(alloc.refs(b) == n for b, n in held.items()) and all(alloc.refs(b) == 0 for b in free | unused)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_steps_keep_blocks_consistent_and_outputs_exact(tmp_path: Path, seed: int) -> None:
+    """Arrivals, chunks, waits and preemptions at random over a small cache, prefix caching on: every step
+    keeps the block accounting whole, and every finished request has the tokens of an uncached solo run."""
+    engine, vocab = _world(tmp_path, "qwen2", caching=True, kv_blocks=40)
+    rng = torch.Generator().manual_seed(seed)
+    pool = _requests(vocab, [int(x) for x in torch.randint(1, 30, (10,), generator=rng)], seed=seed)
+    pool += [
+        replace(r, request_id=r.request_id + 10, adapter_id=["", "a", "b"][(i + 1) % 3]) for i, r in enumerate(pool)
+    ]
+    want = 4
+    tokens: dict[int, list[int]] = {}
+    partial: set[int] = set()
+    batch: int | None = None
+    waiting, next_id, refusals = list(pool), 1, 0
+    while waiting or batch is not None:
+        roll = int(torch.randint(4, (1,), generator=rng))
+        take = waiting[: roll % 3] if waiting else []
+        waiting = waiting[len(take) :]
+        if batch is None and not take:
+            take, waiting = waiting[:1], waiting[1:]
+        chunk = int(torch.randint(1, 9, (1,), generator=rng))
+        new = (next_id, [replace(r, prefill_chunk=chunk) for r in take]) if take else None
+        next_id += 1
+        chunks = {rid: chunk for rid in partial if roll}  # roll 0: partial prompts wait this step
+        try:
+            batch, gens = engine.step([batch] if batch is not None else [], new, chunks)
+        except KVCacheFull:  # refused whole: as the router does, take nobody new, or preempt the newest
+            _check_blocks(engine)
+            waiting[:0] = take
+            if not take:
+                assert batch is not None
+                members = engine.members(batch)
+                partial.discard(members[-1])
+                waiting.insert(0, next(r for r in pool if r.request_id == members[-1]))
+                engine.filter(batch, members[:-1])
+                batch = batch if len(members) > 1 else None
+            refusals += 1
+            continue
+        for r in take:
+            partial.add(r.request_id)
+            tokens[r.request_id] = []
+        for g in gens:
+            partial.discard(g.request_id)
+            tokens[g.request_id].append(g.choice.token_id)
+        members = engine.members(batch)
+        keep = [rid for rid in members if len(tokens[rid]) < want]
+        if roll == 3 and len(keep) > 1:  # preempt the newest: it starts again later, from its prompt
+            victim = keep.pop()
+            partial.discard(victim)
+            waiting.insert(0, next(r for r in pool if r.request_id == victim))
+        if keep != members:
+            engine.filter(batch, keep)
+        if not keep:
+            batch = None
+        _check_blocks(engine)
+    reference = make_engine(tmp_path / "model", kv_blocks=40, prefix_caching=False)
+    for name in ("a", "b"):
+        reference.store.load(name, tmp_path / name)
+    for r in pool:
+        solo = drive(reference, [r], want, first_batch_id=1000 + r.request_id)
+        assert tokens[r.request_id] == solo.tokens[r.request_id], r.request_id
+    assert engine.prefix_stats()[1] > 0
+    print(f"seed {seed}: {next_id - 1} steps, {refusals} refused, {engine.prefix_stats()} prefix stats")
