@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,24 @@ def step_seconds(step: Any, runner: ModelRunner, adapters: list[LoraAdapter | No
     return statistics.median(times)
 
 
+def graphed(runner: ModelRunner, graph: DecodeGraph) -> None:
+    """The engine hook docs/gpu.md describes, applied from outside: the runner's decode through ``graph``.
+
+    It reaches into the runner's private ``_reserve`` / ``_advance`` (shard/runner.py owns decode), so a
+    change there shows here as a missing figure, not a wrong one."""
+
+    def decode(seqs: Sequence[SequenceState]) -> torch.Tensor:
+        runner._reserve(seqs, [len(s.token_ids) for s in seqs])
+        logits = graph.step(seqs)
+        runner._advance([(s, 1) for s in seqs])
+        return logits
+
+    runner.decode = decode  # type: ignore[method-assign]
+
+
 def served_tokens_per_second(runner: ModelRunner, adapter_dirs: list[Path | None], steps: int) -> float:
-    """Tokens per second through ShardEngine (model thread, adapter store, metadata, greedy choice; eager):
-    prefill, then ``steps`` decode calls of the whole batch."""
+    """Tokens per second through ShardEngine (model thread, adapter store, metadata, greedy choice): prefill,
+    then ``steps`` decode calls of the whole batch."""
     from loraplex.shard.engine import NewRequest, ShardEngine
     from loraplex.shard.lora.store import AdapterStore
     from loraplex.shard.model_thread import ModelThread
@@ -159,8 +175,18 @@ def main() -> int:
             ]
             base_tps = served_tokens_per_second(runner, [None] * args.batch, args.steps)
             mixed_tps = served_tokens_per_second(runner, dirs, args.steps)
-        result.update(served_base_tps=round(base_tps, 1), served_mixed_tps=round(mixed_tps, 1))
-        result["served_ratio"] = round(mixed_tps / base_tps, 3)
+            result.update(served_base_tps=round(base_tps, 1), served_mixed_tps=round(mixed_tps, 1))
+            result["served_ratio"] = round(mixed_tps / base_tps, 3)
+            try:  # the same through graphed decode (one graph object per case, as adapters differ)
+                base_runner, lora_runner = ModelRunner(model, cache), ModelRunner(model, cache)
+                graphed(base_runner, base_graph)
+                graphed(lora_runner, lora_graph)
+                g_base = served_tokens_per_second(base_runner, [None] * args.batch, args.steps)
+                g_mixed = served_tokens_per_second(lora_runner, dirs, args.steps)
+                result.update(served_graph_base_tps=round(g_base, 1), served_graph_mixed_tps=round(g_mixed, 1))
+                result["served_graph_ratio"] = round(g_mixed / g_base, 3)
+            except Exception as exc:  # reported, never a made-up figure
+                result["served_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -102,8 +102,13 @@ def summary(out, tests_rc, kernels_rc, decode_rc, note=""):
         print(f"  64 distinct r8 q/k/v/o / base (throughput): eager {d['eager_ratio']}, graphed {d['graph_ratio']}"
               " (goal >= 0.9 graphed)")
         if "served_ratio" in d:
-            print(f"  served through the shard engine (eager): mixed / base {d['served_ratio']}"
+            print(f"  served through the shard engine, eager decode: mixed / base {d['served_ratio']}"
                   f" ({d['served_mixed_tps']} vs {d['served_base_tps']} tokens/s)")
+        if "served_graph_ratio" in d:
+            print(f"  served through the shard engine, graphed decode: mixed / base {d['served_graph_ratio']}"
+                  f" ({d['served_graph_mixed_tps']} vs {d['served_graph_base_tps']} tokens/s)")
+        elif "served_graph_error" in d:
+            print(f"  served, graphed decode: no figure ({d['served_graph_error']})")
         ok = ok and int(decode_rc) == 0
     except Exception as exc:
         print(f"decode benchmark: no result ({type(exc).__name__}: {exc}), rc {decode_rc}")
@@ -165,13 +170,13 @@ if [[ ${gpus:-0} -lt 2 ]]; then
   note="tensor parallelism on 2 GPUs: not run ($gpus GPU here)"
 fi
 start=$SECONDS
-timeout 270 "$PY" -m pytest -q -p no:cacheprovider -rs "${select[@]}" tests/kernels tests/shard \
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs "${select[@]}" tests/kernels tests/shard \
   --junitxml "$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 echo "tests took $((SECONDS - start)) s"
-timeout 90 "$PY" benchmarks/kernels_gpu.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+timeout 75 "$PY" benchmarks/kernels_gpu.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 kernels_rc=${PIPESTATUS[0]}
-timeout 150 "$PY" benchmarks/gpu_decode.py --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -5
+timeout 135 "$PY" benchmarks/gpu_decode.py --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -5
 decode_rc=${PIPESTATUS[0]}
 echo "all took $((SECONDS - start)) s"
 helper summary "$OUT" "$tests_rc" "$kernels_rc" "$decode_rc" "$note"
