@@ -149,6 +149,13 @@ def test_the_pickers_flags_name_metrics_the_server_exports() -> None:
     assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info"} <= set(exported)
 
 
+def test_empty_metric_names_pass_no_flag() -> None:
+    """For picker releases that refuse the metric flags: they then read vLLM's names, which are exported too."""
+    none = dict.fromkeys(("totalQueuedRequests", "kvCacheUsagePercentage", "loraInfo", "cacheInfo"), "")
+    args = picker_args(objects({"inferencePool": {"enabled": True, "endpointPicker": {"metrics": none}}}))
+    assert not set(METRIC_FLAGS) & set(args) and "pool-name" in args
+
+
 def test_the_example_route_sends_a_gateways_traffic_to_the_pool() -> None:
     objs = objects({"inferencePool": {"enabled": True, "httpRoute": {"enabled": True, "gatewayNamespace": "gw"}}})
     (route,) = of_kind(objs, "HTTPRoute")
