@@ -163,10 +163,8 @@ class ModelRunner:
         for _, n in work:
             starts.append(starts[-1] + n)
         # One-token rows (decodes, a last token after a cached prefix) attend as decode does; longer chunks
-        # pad their queries to the longest chunk only, not decodes to it.
-        single = [i for i, (_, n) in enumerate(work) if n == 1]
-        multi = [i for i, (_, n) in enumerate(work) if n > 1]
-        groups = tuple(self._group(work, members, starts) for members in (single, multi) if members)
+        # are padded to the longest of their length class only (a 3-token tail never to a 512-token chunk).
+        groups = tuple(self._group(work, members, starts) for members in _length_classes(work))
         meta = AttentionInput(
             is_prefill=True,  # never the decode-only layout: a capturable decode path keys on is_prefill=False
             positions=torch.tensor([p for span in spans for p in span], device=device),
@@ -328,6 +326,15 @@ class ModelRunner:
             for s in seqs:
                 self.release(s)
         return [s.token_ids[len(ids) :] for s, (ids, _) in zip(seqs, requests, strict=True)]
+
+
+def _length_classes(work: Work) -> list[list[int]]:
+    """Indices of ``work`` by how many tokens each runs: one-token rows together, longer ones in classes
+    within a factor of two, so that padding a class to its longest at most doubles its attention work."""
+    classes: dict[int, list[int]] = {}
+    for i, (_, n) in enumerate(work):
+        classes.setdefault(0 if n == 1 else (n - 1).bit_length(), []).append(i)
+    return [classes[k] for k in sorted(classes)]
 
 
 def parse_dtype(name: str, device: str) -> torch.dtype:
