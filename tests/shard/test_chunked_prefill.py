@@ -14,6 +14,7 @@ from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.proto.shard.v1 import shard_pb2_grpc as pb_grpc
 from loraplex.shard.engine import NewRequest, ShardEngine, StepError
 from loraplex.shard.kv_cache import KVCache, KVCacheFull
+from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.model_thread import ModelThread
 from loraplex.shard.runner import ModelRunner, build_runner
@@ -298,3 +299,23 @@ def test_random_steps_keep_blocks_consistent_and_outputs_exact(tmp_path: Path, s
         assert tokens[r.request_id] == solo.tokens[r.request_id], r.request_id
     assert engine.prefix_stats()[1] > 0
     print(f"seed {seed}: {next_id - 1} steps, {refusals} refused, {engine.prefix_stats()} prefix stats")
+
+
+def test_a_new_batch_that_fails_leaves_the_running_batches_as_they_were(tmp_path: Path) -> None:
+    """A Decode carrying a new batch that cannot run (an adapter not loaded, no room) changes nothing: the
+    router fails or requeues the newcomers and runs the step again without them."""
+    engine, vocab = _world(tmp_path, "llama", caching=True, kv_blocks=12)
+    running, other = _requests(vocab, [8, 30], seed=7)
+    expected = drive(engine, [running], 4).tokens[running.request_id]
+    engine.clear()
+    _, gens = engine.step([], (1, [running]), {})
+    tokens = [g.choice.token_id for g in gens]
+    before = engine.stats()
+    with pytest.raises(AdapterError, match="not loaded"):
+        engine.step([1], (2, [replace(other, adapter_id="missing")]), {})
+    with pytest.raises(KVCacheFull):
+        engine.step([1], (3, [replace(other, request_id=5)]), {})  # 39 tokens: 10 blocks, 7 free
+    assert engine.stats() == before and engine.members(1) == [running.request_id]
+    for _ in range(3):
+        tokens += [g.choice.token_id for g in engine.step([1])[1]]
+    assert tokens == expected
