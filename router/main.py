@@ -39,7 +39,9 @@ async def build_service(settings: RouterSettings) -> RouterService:
     kv = await kv_budget(shards, settings)
     tokenizer_dir = settings.tokenizer_dir or Path(info.model_dir)
     tokenizer = TextTokenizer(tokenizer_dir)
-    metrics = Metrics(adapter_ids=tenants is None or settings.metrics_adapter_labels)
+    metrics = Metrics(
+        adapter_ids=tenants is None or settings.metrics_adapter_labels, named_adapters=settings.metrics_top_adapters
+    )
     metrics.kv_blocks.set(kv.num_blocks)
     registry = AdapterRegistry(shards, info.max_active_adapters + info.max_cpu_adapters, metrics)
     await registry.sync()
@@ -62,6 +64,7 @@ async def build_service(settings: RouterSettings) -> RouterService:
         num_shard=len(settings.shard_uds),
         kv_block_size=kv.block_size,
         kv_blocks=kv.num_blocks,
+        prefix_caching=info.prefix_caching,
     )
     return RouterService(scheduler, tokenizer, settings, model, registry, ledger, tenants)
 
