@@ -206,9 +206,8 @@ class ShardEngine:
                 row += 1
         if not ready:
             return []
-        picked = logits[torch.tensor(rows)] if any(full) else logits
+        picked = logits[torch.tensor(rows, device=logits.device)] if any(full) else logits
         vocab = logits.shape[-1]
-        firsts = {id(e): e.prompt for e in ready if e.prompt is not None}
         for e in ready:
             if e.prompt is not None and e.prompt.generated_tokens:
                 e.chooser.resume(e.prompt.input_ids[-e.prompt.generated_tokens :], vocab)
@@ -216,7 +215,7 @@ class ShardEngine:
         gens = []
         for e, c in zip(ready, choices, strict=True):
             e.seq.token_ids.append(c.token_id)
-            prompt = firsts.get(id(e))
+            prompt = e.prompt
             if prompt is None:
                 gens.append(Generation(e.seq.request_id, c))
                 continue
