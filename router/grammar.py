@@ -206,7 +206,7 @@ class GrammarChecker:
             try:
                 matcher = llguidance.LLMatcher(self.tokenizer, llguidance_grammar(grammar_type, grammar), log_level=0)
                 verdict = matcher.get_error() if matcher.is_error() else ""
-            except ValueError as exc:
+            except Exception as exc:  # whatever llguidance raises, the grammar is the caller's to fix
                 verdict = str(exc) or "invalid grammar"
             with self._lock:
                 self._verdicts[(grammar_type, grammar)] = verdict
