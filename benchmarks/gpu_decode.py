@@ -15,7 +15,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +72,6 @@ def step_seconds(step: Any, runner: ModelRunner, adapters: list[LoraAdapter | No
     for s in seqs:
         runner.release(s)
     return statistics.median(times)
-
-
-def graphed(runner: ModelRunner, graph: DecodeGraph) -> None:
-    """The engine hook docs/gpu.md describes, applied from outside: the runner's decode through ``graph``.
-
-    It reaches into the runner's private ``_reserve`` / ``_advance`` (shard/runner.py owns decode), so a
-    change there shows here as a missing figure, not a wrong one."""
-
-    def decode(seqs: Sequence[SequenceState]) -> torch.Tensor:
-        runner._reserve(seqs, [len(s.token_ids) for s in seqs])
-        logits = graph.step(seqs)
-        runner._advance([(s, 1) for s in seqs])
-        return logits
-
-    runner.decode = decode  # type: ignore[method-assign]
 
 
 def served_tokens_per_second(runner: ModelRunner, adapter_dirs: list[Path | None], steps: int) -> float:
@@ -179,8 +163,7 @@ def main() -> int:
             result["served_ratio"] = round(mixed_tps / base_tps, 3)
             try:  # the same through graphed decode (one graph object per case, as adapters differ)
                 base_runner, lora_runner = ModelRunner(model, cache), ModelRunner(model, cache)
-                graphed(base_runner, base_graph)
-                graphed(lora_runner, lora_graph)
+                base_runner.decode_graph, lora_runner.decode_graph = base_graph, lora_graph
                 g_base = served_tokens_per_second(base_runner, [None] * args.batch, args.steps)
                 g_mixed = served_tokens_per_second(lora_runner, dirs, args.steps)
                 result.update(served_graph_base_tps=round(g_base, 1), served_graph_mixed_tps=round(g_mixed, 1))
