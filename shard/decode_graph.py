@@ -167,6 +167,7 @@ class DecodeGraph:
         self.idx = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self._key_pos = torch.arange(self.max_len, device=dev)
         self._runners: dict[int, Callable[[], torch.Tensor]] = {}
+        self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pad(0)
         self._pool = torch.cuda.graph_pool_handle() if self.mode == "graph" else None
 
@@ -228,6 +229,8 @@ class DecodeGraph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._forward(b)
+        # The graph reads these tables by address: an eager step that grows them later must not free them.
+        self._kept.append(self.model.rotary.current())
         for t, s in zip(buffers, saved, strict=True):
             t.copy_(s)
 

@@ -52,6 +52,10 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin tables as they are now (a growth replaces them: a captured graph keeps these)."""
+        return self._cos, self._sin
+
     def tables(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cos and sin of each token's position, ``[T, 1, dim]``, computed once per forward pass."""
         if max_position >= self._cos.shape[0]:
