@@ -69,6 +69,7 @@ def _valid(text: str, schema: dict[str, Any], finish: str, where: object) -> Non
     jsonschema.validate(json.loads(text), schema)
 
 
+@pytest.mark.slow  # 120 requests (or a server of its own): tens of seconds
 def test_tgi_grammar_json_schemas(server: Server) -> None:
     def call(name: str, model: str | None, sampling: str, stream: bool) -> Callable[[], tuple[str, str]]:
         grammar = {"type": "json", "value": SCHEMAS[name]}
@@ -137,6 +138,7 @@ def _chat(client: openai.OpenAI, stream: bool, **kwargs: Any) -> tuple[str, str,
     return text, finish, usage
 
 
+@pytest.mark.slow  # 120 requests (or a server of its own): tens of seconds
 def test_openai_response_format_json_schema(server: Server) -> None:
     client = _openai(server)
 
@@ -228,6 +230,7 @@ def long_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.stop()
 
 
+@pytest.mark.slow  # 120 requests (or a server of its own): tens of seconds
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_openai_forced_tool_calls_parse_into_arguments(long_server: Server, stream: bool) -> None:
     server = long_server
@@ -296,6 +299,7 @@ def _grpc(
     return last.generated_text, last.details.finish_reason
 
 
+@pytest.mark.slow  # 120 requests (or a server of its own): tens of seconds
 def test_grpc_grammar_json_and_regex(server: Server, stub: pb_grpc.TextGenerationStub) -> None:
     cases = _cases(server)
 
