@@ -19,6 +19,7 @@ from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.shard.allocator import keep_freed_memory
 from loraplex.shard.checkpoint import CheckpointError, resolve_model_dir
 from loraplex.shard.config import ModelConfig, ModelConfigError
+from loraplex.shard.decode_graph import DecodeGraph
 from loraplex.shard.embedded import HUB_ID, EmbeddedModelError, embedded_model_dir
 from loraplex.shard.engine import ShardEngine
 from loraplex.shard.kv_cache import plan_kv_blocks
@@ -91,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             on_evict=runner.forget_plan,
             pace=model_thread.between_steps,
         )
+        if args.decode_graphs == "on" or (args.decode_graphs == "auto" and device.startswith("cuda")):
+            runner.decode_graph = model_thread.call(
+                DecodeGraph,
+                runner.model,
+                runner.cache,
+                max_batch=args.decode_graph_max_batch,
+                max_len=min(config.max_position_embeddings, args.max_batch_total_tokens),
+                slots=args.max_active_adapters,
+                max_rank=min(args.max_lora_rank, 16),  # slot memory grows with it; bigger ranks run eagerly
+            )
         for name, source in specs:
             try:
                 model_thread.call(store.load, name, resolve_adapter_source(source))

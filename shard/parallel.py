@@ -91,6 +91,11 @@ def init_tensor_parallel(
         return TensorParallel()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=torch.device(device) if backend == "nccl" else None,  # each rank binds its own GPU at once
     )
     return TensorParallel(rank, world, distributed=True)

@@ -38,6 +38,18 @@ def shard_parser() -> FlagParser:
         "torch elsewhere); never falls back from one to the other",
     )
     p.flag(
+        "--decode-graphs",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode-only steps as captured CUDA graphs per batch-size bucket (shard/decode_graph.py); auto: on CUDA",
+    )
+    p.flag(
+        "--decode-graph-max-batch",
+        type=int,
+        default=64,
+        help="largest batch a decode graph holds; bigger batches, and adapters above rank 16, run eagerly",
+    )
+    p.flag(
         "--adapter-dirs",
         default="",
         help="comma list of roots; an adapter id that was not preloaded loads on demand from <root>/<id>",
