@@ -1,5 +1,4 @@
-"""Structured output in the router: TGI's ``grammar``, OpenAI's ``response_format`` and ``tools`` as one grammar
-(type and text), compiled with the shard's library and tokenizer before any token so that a bad one is a 422."""
+"""TGI's grammar, OpenAI's response_format and tools as one grammar, compiled as the shards will before any token."""
 
 from __future__ import annotations
 

@@ -44,11 +44,6 @@ class GrammarMatcher:
         for t in token_ids:
             self.advance(t)
 
-    @property
-    def accepting(self) -> bool:
-        """The output so far is complete: the grammar allows it to end here."""
-        return bool(self.matcher.is_accepting())
-
 
 class GrammarCompiler:
     """The model's tokenizer as llguidance sees it, and the grammars compiled for it, cached by content."""
