@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": str(model_dir),
             "adapters": store.ids(),
             "sharded_weight_bytes": runner.model.sharded_weight_bytes,
+            "decode_graphs": runner.decode_graph is not None,
+            "prefix_caching": runner.prefix is not None,
         },
     )
     stop = threading.Event()
