@@ -114,12 +114,16 @@ class ShardEngine:
             fresh = self._admit(new[1]) if new is not None else []
             work = [(e, min(chunks.get(e.seq.request_id, 0), e.seq.pending) if e.prefilling else 1) for e in entries]
             work = [(e, n) for e, n in work if n]  # a partial prompt without a chunk waits this step
-            for e in fresh:
-                assert e.prompt is not None
-                work.append((e, min(e.prompt.prefill_chunk or e.seq.pending, e.seq.pending)))
-            full = [e.prompt_logprobs is not None for e, _ in work]
-            looked_up = [e for e in fresh if e.prompt is not None and not e.prompt.prefill_logprobs]
+            prompts = [e.prompt for e in fresh if e.prompt is not None]
+            looked_up = [e for e, r in zip(fresh, prompts, strict=True) if not r.prefill_logprobs]
             try:  # whatever fails from here on, the new sequences give their KV blocks back
+                found = [e.seq.num_cached for e in fresh]
+                seqs, lookup = [e.seq for e in fresh], [not r.prefill_logprobs for r in prompts]
+                runs = self.runner.share_in_step(seqs, [r.prefill_chunk for r in prompts], lookup)
+                for e, before, n in zip(fresh, found, runs, strict=True):
+                    e.cached_tokens += e.seq.num_cached - before
+                    work.append((e, n))
+                full = [e.prompt_logprobs is not None for e, _ in work]
                 logits = self.runner.step([(e.seq, n) for e, n in work], full) if work else None
             except BaseException:
                 for e in fresh:

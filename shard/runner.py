@@ -85,6 +85,36 @@ class ModelRunner:
         seq.blocks, seq.hashes, seq.num_cached = found, hashes[: len(found)], len(found) * bs
         return seq.num_cached
 
+    def share_in_step(self, seqs: Sequence[SequenceState], chunks: Sequence[int], lookup: Sequence[bool]) -> list[int]:
+        """Fresh sequences joining one step, in order, each to run ``chunks`` tokens (0: all) after its cached
+        prefix: how many each runs. With prefix caching, a later one whose next full blocks are blocks an
+        earlier one fills in this very step points at them and skips those tokens (every layer writes the
+        step's keys before any query reads them), and each sequence's blocks are taken here.
+        """
+        runs = [min(c or s.pending, s.pending) for s, c in zip(seqs, chunks, strict=True)]
+        if self.prefix is None or sum(lookup) < 2:
+            return runs
+        alloc, bs = self.cache.allocator, self.cache.block_size
+        planned: dict[bytes, int] = {}  # a block an earlier sequence fills in this step, by its name
+        for k, (s, may) in enumerate(zip(seqs, lookup, strict=True)):
+            h = s.hashes[-1] if s.hashes else chain_seed(adapter_identity(s.adapter))
+            if may:
+                for i in range(len(s.hashes), (len(s.token_ids) - 1) // bs):  # never the last token
+                    following = chain_next(h, s.token_ids[i * bs : (i + 1) * bs])
+                    if following not in planned:
+                        break
+                    h = following
+                    alloc.share([planned[h]])
+                    s.blocks.append(planned[h])
+                    s.hashes.append(h)
+                    s.num_cached += bs
+                runs[k] = min(chunks[k] or s.pending, s.pending)
+            alloc.grow(s.blocks, s.num_cached + runs[k])
+            for i in range(len(s.hashes), (s.num_cached + runs[k]) // bs):
+                h = chain_next(h, s.token_ids[i * bs : (i + 1) * bs])
+                planned.setdefault(h, s.blocks[i])
+        return runs
+
     @torch.inference_mode()
     def prefill(self, seqs: Sequence[SequenceState], all_logits: bool = False) -> torch.Tensor:
         """Run every token of fresh sequences; logits of each last token ([B, V]) or of all tokens ([T, V])."""

@@ -242,9 +242,9 @@ def test_random_steps_keep_blocks_consistent_and_outputs_exact(tmp_path: Path, s
     engine, vocab = _world(tmp_path, "qwen2", caching=True, kv_blocks=40)
     rng = torch.Generator().manual_seed(seed)
     pool = _requests(vocab, [int(x) for x in torch.randint(1, 30, (10,), generator=rng)], seed=seed)
-    pool += [
-        replace(r, request_id=r.request_id + 10, adapter_id=["", "a", "b"][(i + 1) % 3]) for i, r in enumerate(pool)
-    ]
+    pool += [replace(r, request_id=r.request_id + 10) for r in pool]
+    # Adapters at random, so that requests of one adapter often join in the same step and share blocks there.
+    pool = [replace(r, adapter_id=["", "a", "b"][int(torch.randint(3, (1,), generator=rng))]) for r in pool]
     want = 4
     tokens: dict[int, list[int]] = {}
     partial: set[int] = set()
@@ -319,3 +319,22 @@ def test_a_new_batch_that_fails_leaves_the_running_batches_as_they_were(tmp_path
     for _ in range(3):
         tokens += [g.choice.token_id for g in engine.step([1])[1]]
     assert tokens == expected
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_requests_joining_one_step_share_the_blocks_filled_in_it(tmp_path: Path, kind: str) -> None:
+    """Same adapter, same start, one step: each later request points at the blocks earlier ones fill in that
+    very step (chunks included) and runs its next tokens instead; another adapter shares nothing."""
+    engine, vocab = _world(tmp_path, kind, caching=True)
+    gen = torch.Generator().manual_seed(9)
+    start = torch.randint(vocab, (30,), generator=gen).tolist()
+    tails = [torch.randint(vocab, (3,), generator=gen).tolist() for _ in range(4)]
+    requests = [NewRequest(i, start + tails[i], "" if i == 3 else "a") for i in range(4)]
+    run = drive(engine, requests, NEW_TOKENS, chunk=12)
+    # 0 fills blocks 0-2; 1 points at them and fills 3-5; 2 points at all six and fills 6-7 (32 tokens: the
+    # last full block before its last token); 3, on the base, finds nothing.
+    assert run.cached == {0: 0, 1: 12, 2: 24, 3: 0}
+    reference = make_engine(tmp_path / "model", kv_blocks=128, prefix_caching=False)
+    reference.store.load("a", tmp_path / "a")
+    assert run.tokens == drive(reference, requests, NEW_TOKENS, chunk=12).tokens
+    assert engine.prefix_stats()[1] == 36
