@@ -437,3 +437,23 @@ def test_a_preempted_constrained_request_continues_in_its_grammar(small_kv: Serv
     assert _preemptions(small_kv) > before
     assert together == older_alone and preempted == newer_alone and len(preempted[0]) == 27
     assert all(re.fullmatch("([a-z]{3}[0-9])*[a-z]{0,3}", text) for _, text in (together, preempted))
+
+
+@pytest.mark.slow  # two ranks of their own
+def test_tensor_parallel_ranks_agree_on_constrained_answers(
+    server: Server, served_model: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    """Every rank advances its own matchers by the same tokens: two ranks answer as one does."""
+    model_dir, adapters = served_model
+    name = server.adapters[0]
+    two = start_server(tmp_path, model_dir, {name: adapters[name]}, num_shard=2)
+    try:
+        for model in (None, name):
+            for sampling in SAMPLINGS.values():
+                for grammar in ({"type": "json", "value": SCHEMAS["refs"]}, {"type": "regex", "value": REGEXES[2]}):
+                    params = {"grammar": grammar, "adapter_id": model, "max_new_tokens": MAX_NEW, **sampling}
+                    assert _tgi(two, "tp", params, False) == _tgi(server, "tp", params, False)
+        text, finish = _tgi(two, "tp", {"grammar": {"type": "json", "value": SCHEMAS["refs"]}}, True)
+        _valid(text, SCHEMAS["refs"], finish, "two ranks")
+    finally:
+        two.stop()
