@@ -10,6 +10,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import torch
 
 from loraplex.shard.allocator import release_freed_memory
+from loraplex.shard.grammar import GrammarCompiler
 from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.model_thread import ModelThread
 from loraplex.shard.runner import ModelRunner, SequenceState
@@ -81,12 +82,16 @@ class ShardEngine:
     adapter store and the cached batches. All model work (steps, batch changes, and the adapter-load
     pieces the store runs through ``model.between_steps``) runs on one model thread, under its lock."""
 
-    def __init__(self, runner: ModelRunner, store: AdapterStore, model: ModelThread) -> None:
+    def __init__(
+        self, runner: ModelRunner, store: AdapterStore, model: ModelThread, grammars: GrammarCompiler | None = None
+    ) -> None:
+        """``grammars``: the model's tokenizer compiled for structured output (None: grammar requests fail)."""
         if store.pace != model.between_steps:  # loads would otherwise compete with steps from gRPC threads
             raise ValueError("the adapter store must pace its loads with the engine's model thread")
         self.runner = runner
         self.store = store
         self.model = model
+        self.grammars = grammars
         self.lock = model.lock
         self._batches: dict[int, list[_CachedRequest]] = {}
 
@@ -182,7 +187,7 @@ class ShardEngine:
             if not r.input_ids:
                 raise ValueError(f"request {r.request_id} has an empty prompt")
             seq = SequenceState(r.request_id, list(r.input_ids), resident[r.adapter_id] if r.adapter_id else None)
-            chooser = TokenChooser(r.sampling, r.top_n_tokens, eos, self.runner.model.device)
+            chooser = TokenChooser(r.sampling, r.top_n_tokens, eos, self.runner.model.device, self.grammars)
             fresh.append(_CachedRequest(seq, chooser, r, prompt_logprobs=[] if r.prefill_logprobs else None))
         for e in fresh:  # after every check: a lookup takes references that only release() gives back
             assert e.prompt is not None
@@ -261,6 +266,25 @@ class ShardEngine:
         """Request ids of a cached batch, in order (partially prefilled ones included)."""
         with self.lock:
             return [e.seq.request_id for e in self._batches.get(batch_id, [])]
+
+    def warmup(self, batch_size: int, input_length: int) -> int:
+        """Run a throw-away batch (none for size 0); the KV blocks sequences can have, which the router admits in.
+
+        Blocks held outside every sequence (a decode graph's scratch block) are not the router's to count,
+        and the throw-away prompts do not count as prefix-cache queries.
+        """
+        prefix = self.runner.prefix
+        counters = (prefix.queried_tokens, prefix.hit_tokens) if prefix is not None else (0, 0)
+        if batch_size:
+            ids = range(2**63, 2**63 + batch_size)
+            self.prefill(2**63, [NewRequest(i, [1] * max(1, input_length)) for i in ids])
+            self.decode([2**63])
+            self.clear(2**63)
+        if prefix is not None:
+            prefix.queried_tokens, prefix.hit_tokens = counters
+        with self.lock:
+            held = {b for batch in self._batches.values() for e in batch for b in e.seq.blocks}
+            return self.runner.cache.allocator.num_free + len(held)
 
     def pinned_adapters(self) -> set[str]:
         """Adapters that cached batches use: they stay on the device until their requests leave."""

@@ -110,18 +110,10 @@ class EngineServicer(pb_grpc.ShardServicer):
         )
 
     def Warmup(self, request: pb.WarmupRequest, context: grpc.ServicerContext) -> pb.WarmupResponse:
-        if request.batch_size:
-            reqs = [NewRequest(2**63 + i, [1] * max(1, request.input_length)) for i in range(request.batch_size)]
-            with _status(context):
-                self.engine.prefill(2**63, reqs)
-                self.engine.decode([2**63])
-                self.engine.clear(2**63)
-        alloc = self.engine.runner.cache.allocator
-        return pb.WarmupResponse(
-            block_size=alloc.block_size,
-            num_blocks=alloc.num_blocks,
-            max_supported_total_tokens=alloc.num_blocks * alloc.block_size,
-        )
+        with _status(context):
+            blocks = self.engine.warmup(request.batch_size, request.input_length)
+        size = self.engine.runner.cache.block_size
+        return pb.WarmupResponse(block_size=size, num_blocks=blocks, max_supported_total_tokens=blocks * size)
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
         reqs = _new_requests(request.batch)

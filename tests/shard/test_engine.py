@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from loraplex.shard.engine import NewRequest, ShardEngine
 from loraplex.shard.lora.store import AdapterStore
+from tests.factories import tiny_model
+from tests.shard.conftest import make_engine
 
 
 def test_prompt_logprobs_of_a_one_token_prompt(engine: ShardEngine) -> None:
@@ -70,3 +73,17 @@ def test_a_prefill_whose_sampling_fails_keeps_no_batch_and_no_block(
     with pytest.raises(RuntimeError, match="sampler failed"):
         engine.prefill(1, [NewRequest(1, [1, 2, 3, 4, 5])])
     assert engine.stats() == (0, 8, 0, 0)
+
+
+def test_warmup_reports_the_blocks_sequences_can_have_and_counts_no_prefix_query(tmp_path: Path) -> None:
+    from loraplex.shard.decode_graph import DecodeGraph
+
+    tiny_model(tmp_path, "llama")
+    engine = make_engine(tmp_path, kv_blocks=16, prefix_caching=True)
+    assert engine.warmup(4, 9) == 16
+    assert engine.prefix_stats()[:2] == (0, 0) and engine.stats()[0] == 0
+    runner = engine.runner
+    runner.decode_graph = DecodeGraph(runner.model, runner.cache, max_batch=4, max_len=32, slots=2, mode="eager")
+    assert engine.warmup(2, 5) == 15  # the graph's scratch block is nobody's to admit into
+    engine.prefill(1, [NewRequest(1, list(range(1, 12)))])
+    assert engine.warmup(0, 0) == 15  # a cached batch's blocks still count as the router's
