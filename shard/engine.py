@@ -13,6 +13,7 @@ from loraplex.shard.allocator import release_freed_memory
 from loraplex.shard.grammar import GrammarCompiler
 from loraplex.shard.lora.store import AdapterStore
 from loraplex.shard.model_thread import ModelThread
+from loraplex.shard.prefix_cache import adapter_identity
 from loraplex.shard.runner import ModelRunner, SequenceState
 from loraplex.shard.sampling import Choice, SamplingParams, TokenChooser, choose_tokens
 
@@ -187,6 +188,12 @@ class ShardEngine:
             if not r.input_ids:
                 raise ValueError(f"request {r.request_id} has an empty prompt")
             seq = SequenceState(r.request_id, list(r.input_ids), resident[r.adapter_id] if r.adapter_id else None)
+            if r.adapter_id:
+                # The load, not its device copy, computed the KV: blocks outlive a demotion from the device tier.
+                # (A copy that is no longer the record's means a reload came in between: it keeps its own.)
+                rec = self.store.record(r.adapter_id)
+                if rec.device is seq.adapter and rec.host is not None:
+                    seq.identity = adapter_identity(rec.host)
             chooser = TokenChooser(r.sampling, r.top_n_tokens, eos, self.runner.model.device, self.grammars)
             fresh.append(_CachedRequest(seq, chooser, r, prompt_logprobs=[] if r.prefill_logprobs else None))
         for e in fresh:  # after every check: a lookup takes references that only release() gives back

@@ -22,6 +22,7 @@ from loraplex.shard.config import ModelConfig, ModelConfigError
 from loraplex.shard.decode_graph import DecodeGraph
 from loraplex.shard.embedded import HUB_ID, EmbeddedModelError, embedded_model_dir
 from loraplex.shard.engine import ShardEngine
+from loraplex.shard.grammar import shard_grammars
 from loraplex.shard.kv_cache import plan_kv_blocks
 from loraplex.shard.lora.config import AdapterError
 from loraplex.shard.lora.plan import resolve_backend, set_backend
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         prefix_caching=runner.prefix is not None,
     )
     try:
-        service = ShardEngine(runner, store, model_thread)
+        grammars = shard_grammars(model_dir, config.vocab_size, config.eos_token_ids)
+        service = ShardEngine(runner, store, model_thread, grammars=grammars)
         server = serve(EngineServicer(service, info), args.listen)
     except OSError as exc:
         fail("loraplex-shard", str(exc))
