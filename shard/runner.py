@@ -33,6 +33,12 @@ class SequenceState:
     num_cached: int = 0
     # Chain hashes of its first full blocks, each named in the prefix cache (or found there).
     hashes: list[bytes] = field(default_factory=list)
+    # Who computes its KV, for the prefix cache; None: its adapter object's (``adapter_identity``).
+    identity: bytes | None = None
+
+    @property
+    def cache_identity(self) -> bytes:
+        return self.identity if self.identity is not None else adapter_identity(self.adapter)
 
     @property
     def pending(self) -> int:
@@ -79,7 +85,7 @@ class ModelRunner:
         if prefix is None or seq.blocks or seq.num_cached:
             return 0
         bs = self.cache.block_size
-        hashes = block_hashes(adapter_identity(seq.adapter), seq.token_ids, bs, (len(seq.token_ids) - 1) // bs)
+        hashes = block_hashes(seq.cache_identity, seq.token_ids, bs, (len(seq.token_ids) - 1) // bs)
         found = prefix.lookup(hashes)
         self.cache.allocator.share(found)
         seq.blocks, seq.hashes, seq.num_cached = found, hashes[: len(found)], len(found) * bs
@@ -97,7 +103,7 @@ class ModelRunner:
         alloc, bs = self.cache.allocator, self.cache.block_size
         planned: dict[bytes, int] = {}  # a block an earlier sequence fills in this step, by its name
         for k, (s, may) in enumerate(zip(seqs, lookup, strict=True)):
-            h = s.hashes[-1] if s.hashes else chain_seed(adapter_identity(s.adapter))
+            h = s.hashes[-1] if s.hashes else chain_seed(s.cache_identity)
             if may:
                 for i in range(len(s.hashes), (len(s.token_ids) - 1) // bs):  # never the last token
                     following = chain_next(h, s.token_ids[i * bs : (i + 1) * bs])
@@ -288,7 +294,7 @@ class ModelRunner:
             s.num_cached += n
             if prefix is None or len(s.hashes) >= s.num_cached // bs:
                 continue
-            h = s.hashes[-1] if s.hashes else chain_seed(adapter_identity(s.adapter))
+            h = s.hashes[-1] if s.hashes else chain_seed(s.cache_identity)
             for i in range(len(s.hashes), s.num_cached // bs):
                 h = chain_next(h, s.token_ids[i * bs : (i + 1) * bs])
                 s.hashes.append(h)

@@ -272,3 +272,18 @@ def test_the_shard_process_turns_caching_off_with_its_flag(tmp_path: Path, flag:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_blocks_outlive_an_adapter_leaving_the_device_tier(tmp_path: Path) -> None:
+    """A demoted adapter comes back as a new device copy (a new object, as on a GPU): its load is the same,
+    so are its blocks; only an unload ends them (see the reload test)."""
+    model_dir, base, adapters = _world(tmp_path, "llama")
+    prompt = _prompts(base.config.vocab_size, 17, 1, seed=9)[0]
+    engine = _engine(model_dir, adapters, True)
+    first = drive(engine, [NewRequest(1, prompt, "a")], NEW_TOKENS)
+    rec = engine.store.record("a")
+    assert rec.host is not None
+    # Demoted and promoted again: ``to(device)`` gives a GPU shard a new object (and serial) of the same load.
+    rec.device = LoraAdapter(rec.host.adapter_id, rec.host.projections, rec.host.weight_bytes, rec.host.source)
+    again = drive(engine, [NewRequest(2, prompt, "a")], NEW_TOKENS, first_batch_id=2)
+    assert again.cached[2] == (len(prompt) - 1) // 4 * 4 and again.tokens[2] == first.tokens[1]
