@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 
 import httpx
 import openai
@@ -12,7 +13,8 @@ import openai
 from loraplex.router.service import KV_READ_INTERVAL_S
 from tests.servers import Server
 
-PROMPT = "the quick brown fox jumps over the lazy dog, what is the capital of France? " * 3
+# Other tests on the session server send prompts like this one: a nonce first, so no block of theirs matches.
+PROMPT = uuid.uuid4().hex + " the quick brown fox jumps over the lazy dog, what is the capital of France? " * 3
 HITS = "loraplex_prefix_cache_hit_tokens_total"
 QUERIES = "loraplex_prefix_cache_queried_tokens_total"
 
@@ -60,7 +62,7 @@ def test_a_prefix_cached_under_one_adapter_is_reused_by_it_alone(server: Server)
 def test_openai_usage_reports_the_reused_prompt_tokens(server: Server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     adapter = server.adapters[3]
-    prompt = "hello world, answer in json, talk like a pirate " * 4
+    prompt = uuid.uuid4().hex + " hello world, answer in json, talk like a pirate " * 4
     first = client.completions.create(model=adapter, prompt=prompt, max_tokens=3, temperature=0)
     second = client.completions.create(model=adapter, prompt=prompt, max_tokens=3, temperature=0)
     assert first.usage is not None and second.usage is not None
