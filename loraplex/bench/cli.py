@@ -77,15 +77,20 @@ def run_parser() -> FlagParser:
     return p
 
 
-def suite_parser() -> FlagParser:
-    p = FlagParser(prog="loraplex-bench suite", description="Six performance targets: loraplex vs baselines.")
+def _launching_flags(p: FlagParser, out: Path, repeats_help: str) -> None:
+    """The flags of the subcommands that start their own servers."""
     p.flag("--model-id", env="BENCH_MODEL_ID", default="", help="default: the embedded SmolLM2")
-    p.flag("--dtypes", env="BENCH_DTYPES", default="float32,bfloat16")
-    p.flag("--out", env="BENCH_OUT", type=Path, default=Path("bench-results"))
-    p.flag("--repeats", env="BENCH_REPEATS", type=int, default=2, help="passes of each main workload; best kept")
+    p.flag("--out", env="BENCH_OUT", type=Path, default=out)
+    p.flag("--repeats", env="BENCH_REPEATS", type=int, default=2, help=repeats_help)
     p.flag("--quick", env="BENCH_QUICK", action="store_true", help="a few short requests (for tests)")
     p.flag("--work-dir", env="BENCH_WORK_DIR", type=Path, default=None, help="where the adapters are written")
     p.flag("--no-progress", env="BENCH_NO_PROGRESS", action="store_true")
+
+
+def suite_parser() -> FlagParser:
+    p = FlagParser(prog="loraplex-bench suite", description="Six performance targets: loraplex vs baselines.")
+    p.flag("--dtypes", env="BENCH_DTYPES", default="float32,bfloat16")
+    _launching_flags(p, Path("bench-results"), "passes of each main workload; best kept")
     return p
 
 
@@ -111,13 +116,8 @@ def prefix_parser() -> FlagParser:
         prog="loraplex-bench prefix",
         description="Prefix caching on vs off: a shared system prompt, multi-turn chats, and nothing shared.",
     )
-    p.flag("--model-id", env="BENCH_MODEL_ID", default="", help="default: the embedded SmolLM2")
     p.flag("--dtype", env="BENCH_DTYPE", default="bfloat16", choices=["float32", "bfloat16"])
-    p.flag("--out", env="BENCH_OUT", type=Path, default=Path("bench-results/prefix"))
-    p.flag("--repeats", env="BENCH_REPEATS", type=int, default=2, help="on/off alternations; best pass kept")
-    p.flag("--quick", env="BENCH_QUICK", action="store_true", help="a few short requests (for tests)")
-    p.flag("--work-dir", env="BENCH_WORK_DIR", type=Path, default=None, help="where the adapters are written")
-    p.flag("--no-progress", env="BENCH_NO_PROGRESS", action="store_true")
+    _launching_flags(p, Path("bench-results/prefix"), "on/off alternations; best pass kept")
     return p
 
 
