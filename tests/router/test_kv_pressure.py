@@ -141,3 +141,40 @@ def test_a_router_whose_longest_request_cannot_fit_the_shards_cache_refuses_to_s
     model_dir, _ = served_model
     with pytest.raises(RuntimeError, match="does not fit the KV cache"):
         start_server(tmp_path, model_dir, {}, *SMALL_KV, shard_args=("--max-batch-total-tokens", "24"))
+
+
+def test_a_preempted_constrained_request_continues_in_its_grammar(small_kv: Server) -> None:
+    """The recomputed request replays its tokens into a fresh matcher: it ends with exactly its solo tokens."""
+    pattern = "([a-z]{3}[0-9]){40,}"  # longer than any budget here; what may come next depends on the position
+    grammar = {"type": "regex", "value": pattern}
+    older = {"inputs": "x" * 5, "parameters": {"max_new_tokens": 28, "grammar": grammar, "details": True}}
+    params = {"max_new_tokens": 27, "grammar": grammar, "details": True, "do_sample": True, "seed": 4, "top_k": 40}
+    newer = {"inputs": "q" * 5, "parameters": {**params, "adapter_id": small_kv.adapters[1]}}
+    before = _preemptions(small_kv)
+
+    async def tokens(client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event | None = None) -> Any:
+        async with client.stream("POST", small_kv.url + "/generate_stream", json=body) as r:
+            assert r.status_code == 200
+            ids, text = [], ""
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    event = json.loads(line[5:])
+                    assert "error" not in event, event
+                    ids.append(event["token"]["id"])
+                    text = event["generated_text"] or text
+                    if started is not None:
+                        started.set()
+            return ids, text
+
+    async def run() -> list[Any]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            started = asyncio.Event()
+            first = asyncio.ensure_future(tokens(client, older, started))
+            await started.wait()  # the newer one gives its blocks back when the older grows
+            second = await tokens(client, newer)
+            return [await first, second, await tokens(client, older), await tokens(client, newer)]
+
+    together, preempted, older_alone, newer_alone = asyncio.run(run())
+    assert _preemptions(small_kv) > before
+    assert together == older_alone and preempted == newer_alone and len(preempted[0]) == 27
+    assert all(re.fullmatch("([a-z]{3}[0-9])*[a-z]{0,3}", text) for _, text in (together, preempted))

@@ -4,7 +4,6 @@ model under a grammar must still give output that parses and validates: that is 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -375,68 +374,6 @@ def test_usage_reports_cached_tokens(server: Server) -> None:
         chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
     usage = [c["usage"] for c in chunks if c.get("usage")]
     assert len(usage) == 1 and isinstance(usage[0]["prompt_tokens_details"]["cached_tokens"], int)
-
-
-@pytest.fixture(scope="module")
-def small_kv(served_model: tuple[Path, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """6 KV blocks of 8 tokens: two 33-token requests do not fit together, so the newer one is preempted."""
-    model_dir, adapters = served_model
-    limits = ("--max-input-tokens", "17", "--max-total-tokens", "33", "--max-batch-total-tokens", "48")
-    shard = ("--max-batch-total-tokens", "48", "--block-size", "8")
-    srv = start_server(
-        tmp_path_factory.mktemp("grammar-kv"),
-        model_dir,
-        dict(list(adapters.items())[:2]),
-        *limits,
-        "--max-batch-prefill-tokens",
-        "48",
-        shard_args=shard,
-    )
-    yield srv
-    srv.stop()
-
-
-def _preemptions(server: Server) -> float:
-    match = re.search(r"^loraplex_preemptions_total (\S+)$", httpx.get(server.url + "/metrics").text, re.MULTILINE)
-    assert match
-    return float(match.group(1))
-
-
-def test_a_preempted_constrained_request_continues_in_its_grammar(small_kv: Server) -> None:
-    """The recomputed request replays its tokens into a fresh matcher: it ends with exactly its solo tokens."""
-    pattern = "([a-z]{3}[0-9]){40,}"  # longer than any budget here; what may come next depends on the position
-    grammar = {"type": "regex", "value": pattern}
-    older = {"inputs": "x" * 5, "parameters": {"max_new_tokens": 28, "grammar": grammar, "details": True}}
-    params = {"max_new_tokens": 27, "grammar": grammar, "details": True, "do_sample": True, "seed": 4, "top_k": 40}
-    newer = {"inputs": "q" * 5, "parameters": {**params, "adapter_id": small_kv.adapters[1]}}
-    before = _preemptions(small_kv)
-
-    async def tokens(client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event | None = None) -> Any:
-        async with client.stream("POST", small_kv.url + "/generate_stream", json=body) as r:
-            assert r.status_code == 200
-            ids, text = [], ""
-            async for line in r.aiter_lines():
-                if line.startswith("data:"):
-                    event = json.loads(line[5:])
-                    assert "error" not in event, event
-                    ids.append(event["token"]["id"])
-                    text = event["generated_text"] or text
-                    if started is not None:
-                        started.set()
-            return ids, text
-
-    async def run() -> list[Any]:
-        async with httpx.AsyncClient(timeout=300) as client:
-            started = asyncio.Event()
-            first = asyncio.ensure_future(tokens(client, older, started))
-            await started.wait()  # the newer one gives its blocks back when the older grows
-            second = await tokens(client, newer)
-            return [await first, second, await tokens(client, older), await tokens(client, newer)]
-
-    together, preempted, older_alone, newer_alone = asyncio.run(run())
-    assert _preemptions(small_kv) > before
-    assert together == older_alone and preempted == newer_alone and len(preempted[0]) == 27
-    assert all(re.fullmatch("([a-z]{3}[0-9])*[a-z]{0,3}", text) for _, text in (together, preempted))
 
 
 @pytest.mark.slow  # two ranks of their own
