@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from loraplex.router.inflight import InFlightRequest
@@ -32,6 +32,7 @@ def admit(
     chunked: bool,
     one_at_a_time: bool,
     now: float,
+    to_compute: Callable[[InFlightRequest], int] | None = None,
 ) -> Admitted:
     """Take waiting requests in arrival order while the token budget, KV blocks and adapter slots allow.
 
@@ -41,10 +42,11 @@ def admit(
     after that nothing overtakes it, the running adapters drain, and it gets the first free slot.
     So no adapter starves, and a crowd of cold adapters cannot evict the ones in use (no thrash).
 
-    Each request takes its whole prompt from ``budget``, or with ``chunked`` what is left of it (its first
-    chunk). KV blocks are counted for the whole prompt either way, so the router's count stays an upper bound
-    of what the shards hold. ``one_at_a_time``: the shards refused against our count; only a lone request
-    goes in until one leaves. ``waiting`` is consumed.
+    Each request takes the prompt tokens it will compute (``to_compute``: its prompt less what the shards are
+    expected to have cached; its whole prompt without it) from ``budget``, or with ``chunked`` what is left of
+    the budget (its first chunk). KV blocks are counted for the whole prompt either way, so the router's count
+    stays an upper bound of what the shards hold. ``one_at_a_time``: the shards refused against our count; only
+    a lone request goes in until one leaves. ``waiting`` is consumed.
     """
     out = Admitted()
     blocks = Admission(kv, (e.length for e in running.values()))
@@ -58,7 +60,8 @@ def admit(
             continue
         # A preempted request's prompt holds its generated tokens too, and may pass the prefill budget:
         # alone in its batch it is taken anyway, or it would wait forever.
-        cost = min(e.length, budget - used) if chunked else e.length
+        need = to_compute(e) if to_compute is not None else e.length
+        cost = min(need, budget - used) if chunked else need
         if (
             (out.batch and used + cost > budget)
             or cost <= 0

@@ -38,7 +38,13 @@ class InFlightRequest:
     tenant: str = ""  # the name of the API key's tenant ("" without tenancy)
     preemptions: int = 0  # times its KV blocks were taken back for older requests (it was recomputed)
     cached_tokens: int = 0  # prompt tokens the shards found in their prefix cache (first prefill's count)
-    prompt_left: int = 0  # chunked prefill: prompt tokens not sent to the shards yet (0 once all are)
+    # Chunked prefill, as the router sees it (docs/serving.md): whether the prompt still runs (no token yet),
+    # the prompt tokens the shards are expected to compute still, those sent so far, and those expected cached.
+    prefilling: bool = False
+    prompt_left: int = 0
+    prompt_sent: int = 0
+    prompt_cached: int = 0
+    prefix_hashes: list[int] = field(default_factory=list)  # the prompt's full blocks (router/prefix_estimate.py)
 
     @property
     def text(self) -> str:

@@ -19,6 +19,7 @@ from loraplex.router.kv_budget import KvBudget
 from loraplex.router.ledger import RequestLedger
 from loraplex.router.lifecycle import DrainingServer
 from loraplex.router.metrics import Metrics
+from loraplex.router.prefix_estimate import PrefixEstimate
 from loraplex.router.scheduler import Scheduler
 from loraplex.router.service import RouterService
 from loraplex.router.settings import RouterSettings, settings_from_args
@@ -56,6 +57,7 @@ async def build_service(settings: RouterSettings) -> RouterService:
         kv=kv,
         on_release=ledger.release,
         on_recovered=registry.sync,  # a restarted shard forgot the adapters loaded on demand
+        prefix=PrefixEstimate(kv.block_size, kv.num_blocks) if info.prefix_caching else None,
     )
     model = ModelInfo(
         model_id=settings.model_id or info.model_id,

@@ -18,6 +18,7 @@ from loraplex.router.events import EndEvent, ErrorEvent, Event, TokenEvent, Toke
 from loraplex.router.inflight import InFlightRequest, Overloaded
 from loraplex.router.kv_budget import KvBudget
 from loraplex.router.metrics import Metrics
+from loraplex.router.prefix_estimate import PrefixEstimate
 from loraplex.router.settings import RouterSettings
 from loraplex.router.shards import ShardClients
 from loraplex.router.tokenizer import TextTokenizer
@@ -43,6 +44,7 @@ class Scheduler:
         kv: KvBudget | None = None,
         on_release: Callable[[InFlightRequest], None] | None = None,
         on_recovered: Callable[[], Awaitable[None]] | None = None,
+        prefix: PrefixEstimate | None = None,
     ) -> None:
         """``adapter_slots`` is the shards' --max-active-adapters (0: no limit); ``kv`` the KV blocks they
         reported (None: --max-batch-total-tokens in one-token blocks). ``on_release(request)``
@@ -64,6 +66,7 @@ class Scheduler:
         self._kv_hold = False  # the shards said "full" against our count: one at a time until a request leaves
         self.on_release = on_release
         self._on_recovered = on_recovered
+        self.prefix = prefix  # the shards' prefix cache as the budgets expect it (None: caching off)
         self.longest_wait = 0.0
 
     @property
@@ -133,7 +136,7 @@ class Scheduler:
         budget = self.settings.max_batch_prefill_tokens if budget is None else budget
         passed = admission.admit(
             self.waiting, self.running, self.settings, self.kv, adapter_slots=self.adapter_slots, budget=budget,
-            chunked=chunked, one_at_a_time=self._kv_hold, now=now,
+            chunked=chunked, one_at_a_time=self._kv_hold, now=now, to_compute=self._to_compute,
         )  # fmt: skip
         for e in passed.cancelled:
             self._finish(e, None)
@@ -148,24 +151,43 @@ class Scheduler:
                 self.metrics.longest_queue_wait.set(wait)
         return passed.batch
 
-    def _messages(self, admitted: dict[InFlightRequest, int]) -> tuple[list[InFlightRequest], list[pb.Request]]:
+    def _to_compute(self, e: InFlightRequest) -> int:
+        """Prompt tokens the shards are expected to compute for ``e`` (its prompt less the cached prefix)."""
+        e.prompt_cached = 0
+        if self.prefix is not None:
+            prompt = e.prompt_ids
+            if len(e.prefix_hashes) != len(prompt) // self.prefix.block_size:  # new, or longer after a preemption
+                e.prefix_hashes = self.prefix.hashes(e.params.adapter_id, prompt)
+            e.prompt_cached = self.prefix.cached(e.prefix_hashes, len(prompt))
+        return e.length - e.prompt_cached
+
+    def _sent(self, e: InFlightRequest, tokens: int) -> None:
+        """``tokens`` more of ``e``'s prompt ran (counted after its cached prefix)."""
+        e.prompt_left = max(0, e.prompt_left - tokens)
+        e.prompt_sent += tokens
+        if self.prefix is not None:
+            self.prefix.record(e.prefix_hashes, min(e.length, e.prompt_cached + e.prompt_sent))
+
+    def _messages(
+        self, admitted: dict[InFlightRequest, int], chunked: bool = True
+    ) -> tuple[list[InFlightRequest], list[pb.Request]]:
         """The admitted requests' shard messages (running from now on, so that whatever fails reaches them)."""
         entries, messages = [], []
         for e, cost in admitted.items():
             self.running[e.id] = e
             try:
-                messages.append(shard_requests.shard_request(e, cost if cost < e.length else 0))
+                messages.append(shard_requests.shard_request(e, cost if chunked else 0))
             except Exception as exc:  # a field the shard's message cannot hold: this request alone fails
                 log.warning("request cannot be sent to the shards", extra={"request": e.id, "error": repr(exc)})
                 del self.running[e.id]
                 self._finish(e, ErrorEvent("generation failed: the request cannot be sent to the shards"))
                 continue
-            e.prompt_left = e.length
+            e.prefilling, e.prompt_left, e.prompt_sent = True, e.length - e.prompt_cached, 0
             entries.append(e)
         return entries, messages
 
     async def _prefill(self, admitted: list[InFlightRequest]) -> None:
-        entries, messages = self._messages(dict.fromkeys(admitted, 0))
+        entries, messages = self._messages(dict.fromkeys(admitted, 0), chunked=False)
         if not entries:
             return
         batch_id = next(self._ids)
@@ -177,7 +199,7 @@ class Scheduler:
             await self._new_batch_failed(exc, batch_id, entries)
             return
         for e in entries:
-            e.prompt_left = 0
+            self._sent(e, e.length)
         self.members[batch_id] = [e.id for e in entries]
         self._handle(resp.generations)
         await self._filter()
@@ -210,10 +232,14 @@ class Scheduler:
         await self._filter()
         await self._make_room()
         chunks: dict[int, int] = {}
-        for rid in sorted(r for r, e in self.running.items() if e.prompt_left):
-            if chunk <= 0:
-                break
-            chunks[rid] = min(self.running[rid].prompt_left, chunk)
+        for rid in sorted(r for r, e in self.running.items() if e.prefilling):
+            e = self.running[rid]
+            # Past the expected count with no token yet, the shard found less cached than expected: what was
+            # never sent is the most it can still have to run.
+            need = e.prompt_left or e.length - e.prompt_sent
+            if chunk <= 0 or need <= 0:
+                continue
+            chunks[rid] = min(need, chunk)
             chunk -= chunks[rid]
         admitted = self._admit(chunk, chunked=True) if chunk > 0 else {}
         entries, messages = self._messages(admitted)
@@ -241,9 +267,9 @@ class Scheduler:
                 raise
             return
         for rid, n in chunks.items():
-            self.running[rid].prompt_left -= n
+            self._sent(self.running[rid], n)
         for e in entries:
-            e.prompt_left -= admitted[e]
+            self._sent(e, admitted[e])
         merged = [r for b in ids for r in self.members.pop(b)] + [e.id for e in entries]
         self.members[resp.batch.id] = merged
         self._handle(resp.generations)
@@ -346,7 +372,7 @@ class Scheduler:
         """One generated token of ``e``: its text, its event, and whether it ends the request."""
         if g.prefill_tokens:
             e.prefill = [self._info(t.id, t.logprob) for t in g.prefill_tokens]
-        e.prompt_left = 0  # a token means its prompt has all run (the shards may have found some of it cached)
+        e.prefilling, e.prompt_left = False, 0  # a token: its prompt has all run (maybe ended early by the cache)
         if not e.generated and not e.cached_tokens:
             e.cached_tokens = g.cached_tokens
         if e.generated:
@@ -389,6 +415,9 @@ class Scheduler:
             self._release(e)
         if isinstance(event, EndEvent):
             e.end = event
+            if self.prefix is not None:  # its answer is cached too: the next turn of a chat resends it
+                tokens = e.input_ids + e.generated
+                self.prefix.record(self.prefix.hashes(e.params.adapter_id, tokens), len(tokens) - 1)
         if event is not None:
             e.events.put_nowait(event)
         status = "cancelled" if event is None else ("error" if isinstance(event, ErrorEvent) else "success")
