@@ -243,4 +243,4 @@ async def check_grammar(tokenizer: Any, grammar_type: str, grammar: str) -> None
 async def check_parameters(service: Any, params: Any) -> None:
     """The request's grammar checked against the router's tokenizer (the shards'); raises ValidationError."""
     if params.grammar_type:
-        await check_grammar(service._tokenizer.tokenizer, params.grammar_type, params.grammar)
+        await check_grammar(service.vocabulary, params.grammar_type, params.grammar)

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from tokenizers import Tokenizer
+
 from loraplex import __version__
 from loraplex.common.adapter_ids import adapter_id_problem
 from loraplex.router.adapters import AdapterRegistry
@@ -67,6 +69,11 @@ class RouterService:
     @property
     def model_id(self) -> str:
         return self.model.model_id
+
+    @property
+    def vocabulary(self) -> Tokenizer:
+        """The model's ``tokenizers`` tokenizer: grammars are compiled against it (``router/grammar.py``)."""
+        return self._tokenizer.tokenizer
 
     @property
     def in_flight(self) -> int:

@@ -70,7 +70,10 @@ def test_suite_quick(world: BenchWorld, tmp_path: Path) -> None:
     assert floor["rows"] == result["server_metrics"]["heavy"]["loraplex_batch_size_sum"]
     curve = result["cost_curve"]
     assert curve["adapters"][0] == 1 and curve["adapters"][-1] == 40
-    assert curve["dedicated"][-1] > curve["dedicated"][0]  # dedicated deployments cost more with more adapters
+    # Past one stream per adapter, each added dedicated deployment idles and still costs a machine: the cost
+    # grows in proportion (the curve's model, whatever the measured speeds).
+    beyond = [(n, d) for n, d in zip(curve["adapters"], curve["dedicated"], strict=True) if n >= 8]
+    assert len(beyond) >= 2 and all(abs(d / n - beyond[0][1] / beyond[0][0]) < 1e-9 for n, d in beyond)
     for name in ("throughput.png", "latency.png", "cost.png"):
         assert (out / "float32" / name).read_bytes()[:8] == PNG
     assert "floor for #6" in done.stdout
