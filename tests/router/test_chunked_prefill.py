@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import pytest
 
-from loraplex.router.events import EndEvent
+from loraplex.router.events import EndEvent, TokenEvent
 from loraplex.router.kv_budget import KvBudget
+from loraplex.router.metrics import Metrics
+from loraplex.router.scheduler import Scheduler
 from loraplex.router.settings import RouterSettings
-from tests.router.test_preemption import BookkeepingShard, _serve, solo
+from tests.router.test_preemption import TOKENIZER, BookkeepingShard, _request, _serve, solo
 
 LONG = RouterSettings(
     max_input_tokens=400, max_total_tokens=480, max_batch_prefill_tokens=512, max_batch_total_tokens=1 << 16
@@ -61,3 +64,43 @@ def test_no_chunking_keeps_separate_prefill_and_decode_passes() -> None:
     _, streamed, _ = asyncio.run(_serve(shard, KvBudget(16, 4096), jobs, settings))
     assert streamed == [solo(p, n) for p, n in jobs]
     assert any(p >= 100 for _, p in shard.steps)  # whole prompts in one pass
+
+
+def test_a_client_gone_in_the_middle_of_its_prompt_frees_its_blocks_and_the_others_go_on() -> None:
+    """Cancelled while its prompt runs chunk by chunk: it leaves the shard's batch, nothing else is disturbed."""
+    settings = dataclasses.replace(LONG, prefill_chunk_tokens=8)
+
+    class Yielding(BookkeepingShard):  # a step takes time, as a real one does: the client can act meanwhile
+        async def decode(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.001)
+            return await super().decode(*args, **kwargs)
+
+    shard = Yielding(4, 4096)
+    jobs = [([3, 4], 20), ([6] * 200, 5), ([8, 9], 20)]
+
+    async def run() -> tuple[list[list[int]], bool]:
+        scheduler = Scheduler(shard, TOKENIZER, settings, set(), Metrics(), kv=KvBudget(4, 4096))  # type: ignore[arg-type]
+        loop = asyncio.ensure_future(scheduler.run())
+        requests = [_request(p, n, settings) for p, n in jobs]
+        for r in requests:
+            scheduler.submit(r)
+        for _ in range(5000):
+            if shard.ran.get(requests[1].id, 0) >= 40:  # a few chunks of the long prompt have run
+                break
+            await asyncio.sleep(0.001)
+        assert 40 <= shard.ran[requests[1].id] < 200  # cancelled in the middle of its prompt
+        scheduler.cancel(requests[1])
+        out = []
+        for r in (requests[0], requests[2]):
+            ids = []
+            while not isinstance(event := await asyncio.wait_for(r.events.get(), 10), EndEvent):
+                if isinstance(event, TokenEvent):
+                    ids.append(event.token.id)
+            out.append(ids)
+        await asyncio.sleep(0.05)
+        loop.cancel()
+        return out, requests[1].released and not requests[1].generated
+
+    answers, released = asyncio.run(run())
+    assert answers == [solo(jobs[0][0], 20), solo(jobs[2][0], 20)]
+    assert released and shard.free == 4096 and not shard.batches

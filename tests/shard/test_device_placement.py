@@ -286,8 +286,8 @@ def test_two_gpus_tensor_parallel_equal_one_gpu(tmp_path: Path) -> None:
     make_adapter(base, tmp_path / "a", r=8, target_modules="all-linear")
     _tp_rank(0, 1, 0, tmp_path / "base", tmp_path / "a", tmp_path)
     mp.spawn(_tp_rank, args=(2, free_port(), tmp_path / "base", tmp_path / "a", tmp_path), nprocs=2, join=True)
-    one = torch.load(tmp_path / "tp0-of-1.pt")
-    assert torch.load(tmp_path / "tp0-of-2.pt") == torch.load(tmp_path / "tp1-of-2.pt")
-    two = torch.load(tmp_path / "tp0-of-2.pt")
+    one = torch.load(tmp_path / "tp0-of-1.pt", weights_only=True)
+    two = torch.load(tmp_path / "tp0-of-2.pt", weights_only=True)
+    assert two == torch.load(tmp_path / "tp1-of-2.pt", weights_only=True)
     agree = sum(a == b for x, y in zip(one, two, strict=True) for a, b in zip(x, y, strict=True))
     assert agree >= 0.9 * sum(len(x) for x in one)  # bf16 partial sums meet in another order over two GPUs
