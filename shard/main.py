@@ -25,7 +25,7 @@ from loraplex.shard.engine import ShardEngine
 from loraplex.shard.grammar import shard_grammars
 from loraplex.shard.kv_cache import plan_kv_blocks
 from loraplex.shard.lora.config import AdapterError
-from loraplex.shard.lora.plan import resolve_backend, set_backend
+from loraplex.shard.lora.plan import resolve_backend
 from loraplex.shard.lora.roots import AdapterRoots
 from loraplex.shard.lora.sources import parse_adapter_specs, resolve_adapter_source
 from loraplex.shard.lora.store import AdapterStore
@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     lora_check = check_lora_backend(args.lora_backend, device, parse_dtype(args.dtype, device), args.max_lora_rank)
     if lora_check is not None:
         fail("loraplex-shard", lora_check)
-    if resolve_backend(args.lora_backend, device) == "cupy":
+    lora_backend = resolve_backend(args.lora_backend, device)
+    if lora_backend == "cupy":
         try:  # every kernel compiled before the shard reports healthy, never in the middle of a request
             model_thread.call(cuda.warm_up, device)
         except Exception as exc:
             fail("loraplex-shard", f"--lora-backend cupy: the LoRA kernels do not compile here: {_one_line(exc)}")
-    set_backend(resolve_backend(args.lora_backend, device))
     try:
         model_dir = resolve_model_dir(args.model_id) if args.model_id else embedded_model_dir()
         dtype = parse_dtype(args.dtype, device)
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size,
             tp=tp,
             prefix_caching=not args.no_prefix_caching,
+            lora_backend=lora_backend,
         )
         specs = parse_adapter_specs(args.lora_adapters)
         store = AdapterStore(

@@ -13,7 +13,7 @@ from loraplex.shard.attention import AttentionInput, ContextGroup
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.kv_cache import KVCache, KVCacheFull
 from loraplex.shard.lora.adapter import LoraAdapter
-from loraplex.shard.lora.plan import LoraPlan, make_plan
+from loraplex.shard.lora.plan import Backend, LoraPlan, make_plan
 from loraplex.shard.model import CausalLM
 from loraplex.shard.parallel import TensorParallel
 from loraplex.shard.prefix_cache import PrefixIndex, adapter_identity, block_hashes, chain_next, chain_seed
@@ -57,6 +57,7 @@ class ModelRunner:
         cache: KVCache,
         decode_lora_dtype: torch.dtype | None = None,
         prefill_lora_dtype: torch.dtype | None = None,
+        lora_backend: Backend | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -64,6 +65,7 @@ class ModelRunner:
         # one row per adapter is a batched GEMV, prefill's many rows a batched GEMM: see docs/architecture.md.
         self.decode_lora_dtype = decode_lora_dtype
         self.prefill_lora_dtype = prefill_lora_dtype
+        self.lora_backend = lora_backend  # --lora-backend, resolved (None: auto for the model's device)
         self._plan_key: tuple[int, ...] | None = None
         self._plan: LoraPlan | None = None
         # A capturable decode (shard/decode_graph.py), used for the decode-only steps it fits when set.
@@ -325,7 +327,7 @@ class ModelRunner:
         if cache:
             self.forget_plan()  # the old plan's weight copies go before the new ones are made, not after
         dtype = self.decode_lora_dtype if cache else self.prefill_lora_dtype
-        plan = make_plan(row_adapters, self.model.config, dtype, self.model.device)
+        plan = make_plan(row_adapters, self.model.config, dtype, self.model.device, self.lora_backend)
         if cache:
             self._plan_key, self._plan = key, plan
         return plan
@@ -392,6 +394,7 @@ def build_runner(
     block_size: int = 16,
     tp: TensorParallel | None = None,
     prefix_caching: bool = True,
+    lora_backend: Backend | None = None,
 ) -> ModelRunner:
     """Load a checkpoint directory (this rank's slice) and give it a KV cache of ``kv_blocks`` blocks."""
     config = ModelConfig.from_dir(directory)
@@ -409,4 +412,5 @@ def build_runner(
     # PyTorch's CPU bfloat16 batched GEMV streams 2-3x fewer bytes/s than float32 (measured on an AVX-512
     # BF16 CPU), so on the CPU decode's LoRA runs in float32 whatever the base dtype; prefill's batched
     # GEMMs keep the adapters' dtype, where bfloat16 uses BF16 dot products (a third of float32's LoRA cost).
-    return ModelRunner(model, cache, decode_lora_dtype=torch.float32 if device == "cpu" else None)
+    decode_dtype = torch.float32 if device == "cpu" else None
+    return ModelRunner(model, cache, decode_lora_dtype=decode_dtype, lora_backend=lora_backend)

@@ -36,26 +36,17 @@ def resolve_backend(name: str, device: torch.device | str) -> Backend:
     return name  # type: ignore[return-value]
 
 
-# The shard's choice, set once at start-up (shard/main.py) before any batch runs. A module setting because
-# make_plan's caller (shard/runner.py) predates the flag; None: ``auto`` for the plan's device.
-_backend: Backend | None = None
-
-
-def set_backend(backend: Backend | None) -> None:
-    global _backend
-    _backend = backend
-
-
 def make_plan(
     row_adapters: Sequence[LoraAdapter | None],
     config: ModelConfig,
     lora_dtype: torch.dtype | None,
     device: torch.device,
+    backend: Backend | None = None,
 ) -> LoraPlan:
     """The backend's plan: the CuPy kernels' (``CudaLoraPlan``, which raises ``KernelError`` on a batch it cannot
     take: never a silent fall-back) or PyTorch's; ``lora_dtype`` is the PyTorch plan's stack dtype (None: the
-    adapters' own)."""
-    backend = _backend or resolve_backend("auto", device)
+    adapters' own); ``backend`` None is ``auto`` for ``device``."""
+    backend = backend or resolve_backend("auto", device)
     if backend == "cupy":
         return CudaLoraPlan(row_adapters, config, device)
     return TorchLoraPlan(row_adapters, config, lora_dtype)

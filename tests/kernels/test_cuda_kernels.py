@@ -92,7 +92,7 @@ def test_kernels_match_the_reference(mix: str, h_in: int, h_out: int, dtype: tor
 
 def test_cuda_plan_matches_the_torch_plan_on_a_model(tmp_path: Path) -> None:
     from loraplex.shard.lora.cuda_plan import CudaLoraPlan
-    from loraplex.shard.lora.plan import make_plan, set_backend
+    from loraplex.shard.lora.plan import make_plan
     from loraplex.shard.lora.store import AdapterStore
     from loraplex.shard.runner import SequenceState, build_runner
     from tests.factories import make_adapter, tiny_model
@@ -109,7 +109,7 @@ def test_cuda_plan_matches_the_torch_plan_on_a_model(tmp_path: Path) -> None:
     assert isinstance(make_plan(rows, runner.model.config, None, torch.device("cuda")), CudaLoraPlan)
 
     def logits(use_kernels: bool) -> torch.Tensor:
-        set_backend("cupy" if use_kernels else "torch")
+        runner.lora_backend = "cupy" if use_kernels else "torch"
         runner.forget_plan()
         stacks = None if use_kernels else torch.float32  # float32 stacks in the PyTorch plan
         runner.decode_lora_dtype = runner.prefill_lora_dtype = stacks
@@ -122,8 +122,5 @@ def test_cuda_plan_matches_the_torch_plan_on_a_model(tmp_path: Path) -> None:
             runner.release(s)
         return out
 
-    try:
-        kernels, torch_plan = logits(True), logits(False)
-    finally:
-        set_backend(None)
+    kernels, torch_plan = logits(True), logits(False)
     assert float((kernels - torch_plan).norm() / torch_plan.norm()) < 2e-2
