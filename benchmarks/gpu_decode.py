@@ -48,11 +48,9 @@ def random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], see
         in_f, out_f = PROJECTIONS[proj].shape(config)
         a_t = (torch.randn(config.num_layers, rank, in_f, generator=gen, device="cuda") / in_f**0.5).bfloat16()
         b = (torch.randn(config.num_layers, rank, out_f, generator=gen, device="cuda") * 0.01).bfloat16()
-        projections[proj] = ProjectionWeights(
-            a_t.transpose(1, 2), b, dict.fromkeys(range(config.num_layers), rank), a_t
-        )
+        projections[proj] = ProjectionWeights(a_t.transpose(1, 2), b, dict.fromkeys(range(config.num_layers), rank))
     nbytes = sum(p.a.nbytes + p.b.nbytes for p in projections.values())
-    return LoraAdapter(f"r{rank}-{seed}", projections, nbytes)
+    return LoraAdapter(f"r{rank}-{seed}", projections, nbytes).with_site_shrinks()
 
 
 def step_seconds(step: Any, runner: ModelRunner, adapters: list[LoraAdapter | None], steps: int) -> float:

@@ -1,4 +1,7 @@
-"""Typed launchers for ``lora_sgmv.cu`` through CuPy: checked arguments, the tensors' device and stream, no sync."""
+"""Typed launchers for ``lora_sgmv.cu`` through CuPy: checked arguments, the tensors' device and stream, no sync.
+
+The ops that call them, with their PyTorch reference and fake implementations, are ``kernels/ops.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from loraplex.kernels.segments import Segments, SegmentWeights
 
 SOURCE = Path(__file__).with_name("lora_sgmv.cu")
 THREADS = 128  # kWarps * 32 in the source
@@ -184,31 +185,3 @@ def launch_expand(
         indptr.data_ptr(), ptrs.data_ptr(), ranks.data_ptr(), y.data_ptr(), np.int32(ldy), np.int32(y.shape[1]),
     )  # fmt: skip
     _launch(f"lora_expand<{_TYPES[y.dtype]}, {tok}>", y.device, grid, (THREADS, 1, 1), args)
-
-
-def _layer_pointers(segs: Segments, weights: SegmentWeights, layer: int) -> torch.Tensor:
-    if segs.max_rank > MAX_RANK:
-        raise KernelError(f"ranks must be 1..{MAX_RANK}, got {segs.max_rank}")
-    pointers = weights.pointers[layer]
-    _check(pointers, "weight pointers", torch.int64)
-    return pointers
-
-
-def shrink(x: torch.Tensor, segs: Segments, a: SegmentWeights, layer: int) -> torch.Tensor:
-    """Split partial sums of ``x[rows[i]] · A_s`` for every listed row: float32 ``[splits, n, max_rank]``
-    (``expand`` adds the splits up; ``v.sum(0)`` is ``v`` itself). Elements past a segment's rank are not
-    written. ``a`` holds each segment's ``A^T`` ([layers, rank, h_in], contiguous, x's dtype) on the device."""
-    ptrs = _layer_pointers(segs, a, layer)
-    tok = tile_for(segs.longest)
-    blocks = segs.num_segments * max(1, -(-segs.longest // tok))
-    vp = torch.empty(splits_for(blocks, x.shape[1]), segs.num_rows, segs.max_rank, dtype=torch.float32, device=x.device)
-    launch_shrink(x, segs.rows, segs.indptr, ptrs, segs.ranks, vp, segs.longest)
-    return vp
-
-
-def expand(y: torch.Tensor, vp: torch.Tensor, segs: Segments, b: SegmentWeights, layer: int) -> None:
-    """``y[rows[i]] += v[i, :r_s] · B_s`` in place (``vp`` from ``shrink``); rows in no segment untouched.
-
-    ``y`` may be a column slice of a wider output (its rows strided); ``b`` holds each segment's ``B``
-    ([layers, rank, h_out], contiguous, y's dtype, scaling folded in) on the device."""
-    launch_expand(y, vp, segs.rows, segs.indptr, _layer_pointers(segs, b, layer), segs.ranks, segs.longest)

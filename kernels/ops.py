@@ -1,88 +1,112 @@
-"""BGMV as PyTorch custom ops: the capturable LoRA of a decode step (slot-stacked weights, a slot per row).
-
-``torch.ops.loraplex.bgmv_shrink`` / ``bgmv_expand``: a CPU implementation (plain PyTorch, the reference),
-a CUDA one (the CuPy kernels on the tensors' device and torch's current stream, launched from device-side
-index arithmetic only: no host sync, so a CUDA graph can capture it) and a fake one (shapes for
-``torch.compile`` and fake tensors). Weights sit in per-slot stacks ``[slots, R, features]`` whose contents
-change when adapters come and go, never their addresses: a captured graph stays valid.
-"""
+"""SGMV and BGMV as PyTorch custom ops (``torch.ops.loraplex.*``): CPU, CUDA and fake implementations."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-from loraplex.kernels import cuda
+from loraplex.kernels import cuda, reference
+from loraplex.kernels.segments import Segments, SegmentWeights
+
+# - ``sgmv_shrink`` / ``sgmv_expand``: a batch's rows grouped in segments, one adapter each (``Segments``),
+#   each segment's weights stacked over layers (``SegmentWeights``). Every LoRA call of the CUDA plan.
+# - ``bgmv_shrink`` / ``bgmv_expand``: one slot index per row into per-slot stacks ``[slots, R, features]``
+#   whose contents change when adapters come and go, never their addresses: the captured decode step's LoRA.
+#
+# CPU: ``kernels/reference.py`` (plain PyTorch). CUDA: the CuPy kernels (``kernels/cuda.py``) on the tensors'
+# device and torch's current stream, with no host sync, so a CUDA graph captures them. Fake: shapes only, for
+# ``torch.compile`` and fake tensors. The shrinks return float32 partial sums ``[P, rows, R]`` (the kernels
+# split h_in in P parts; the reference returns P = 1); the expands add the P parts up and write ``y`` in place.
+#
+# Registered with ``torch.library.Library`` rather than ``torch.library.custom_op``: a call then costs about
+# 5 µs of dispatch instead of about 14 (`python benchmarks/op_dispatch.py`), and the eager CUDA plan makes one
+# or two calls per projection and layer (docs/gpu.md).
+
+_LIB = torch.library.Library("loraplex", "DEF")  # the ops' one definition; held here for the process's life
+
+SCHEMAS = {
+    "sgmv_shrink": "sgmv_shrink(Tensor x, Tensor[] weights, Tensor pointers, int layer, Tensor rows, "
+    "Tensor indptr, Tensor ranks, int max_rank, int longest) -> Tensor",
+    "sgmv_expand": "sgmv_expand(Tensor(a!) y, Tensor v, Tensor[] weights, Tensor pointers, int layer, "
+    "Tensor rows, Tensor indptr, Tensor ranks, int longest) -> ()",
+    "bgmv_shrink": "bgmv_shrink(Tensor x, Tensor a, Tensor ranks, Tensor idx) -> Tensor",
+    "bgmv_expand": "bgmv_expand(Tensor(a!) y, Tensor v, Tensor b, Tensor ranks, Tensor idx) -> ()",
+}
 
 
-def _row_ranks(ranks: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's slot (clamped to a valid one) and its rank there (0 for rows without adapter, idx < 0)."""
-    safe = idx.clamp(min=0).long()
-    return safe, torch.where(idx >= 0, ranks[safe], 0).to(torch.int32)
+def _splits(x: torch.Tensor, blocks: int) -> int:
+    """Partial sums a shrink on ``x``'s device returns for ``blocks`` (segment, token tile) pairs: the kernels
+    split h_in; the reference does not."""
+    return cuda.splits_for(blocks, x.shape[1]) if x.device.type == "cuda" else 1
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+def _sgmv_blocks(ranks: torch.Tensor, longest: int) -> int:
+    return int(ranks.shape[0]) * max(1, -(-longest // cuda.tile_for(longest)))
 
 
-def _splits(x: torch.Tensor) -> int:
-    """Partial sums the shrink returns: the kernels split h_in; the reference does not."""
-    return cuda.splits_for(x.shape[0], x.shape[1]) if x.device.type == "cuda" else 1
+# ---- CPU: the reference, with the ops' arguments (pointers are the kernels'; the reference reads tensors).
 
 
-@torch.library.custom_op("loraplex::bgmv_shrink", mutates_args=())
-def bgmv_shrink(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Partial sums ``v[p, t, j]`` of ``x[t] · A_{idx[t]}`` over split p of h_in, for ``j < ranks[idx[t]]``.
-
-    x ``[T, h_in]``; a ``[slots, R, h_in]`` (each slot's ``A^T``); ranks ``[slots]`` int32; idx ``[T]`` int32,
-    -1 for rows without adapter. Returns float32 ``[P, T, R]``; ``bgmv_expand`` adds the P parts up. Elements
-    past a row's rank are unspecified (the reference zeroes them; the kernels leave them unwritten).
-    """
-    safe, row_ranks = _row_ranks(ranks, idx)
-    acc = _acc(x.dtype)
-    v = torch.bmm(a[safe].to(acc), x.to(acc).unsqueeze(-1)).squeeze(-1)
-    keep = torch.arange(a.shape[1], device=x.device)[None, :] < row_ranks[:, None]
-    return torch.where(keep, v, 0).unsqueeze(0)
+def _sgmv_shrink_cpu(
+    x: torch.Tensor, weights: list[torch.Tensor], pointers: torch.Tensor, layer: int, rows: torch.Tensor,
+    indptr: torch.Tensor, ranks: torch.Tensor, max_rank: int, longest: int,
+) -> torch.Tensor:  # fmt: skip
+    return reference.sgmv_shrink(x, weights, layer, rows, indptr, ranks, max_rank)
 
 
-@bgmv_shrink.register_fake
-def _(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(_splits(x), x.shape[0], a.shape[1], dtype=_acc(x.dtype))
+def _sgmv_expand_cpu(
+    y: torch.Tensor, v: torch.Tensor, weights: list[torch.Tensor], pointers: torch.Tensor, layer: int,
+    rows: torch.Tensor, indptr: torch.Tensor, ranks: torch.Tensor, longest: int,
+) -> None:  # fmt: skip
+    reference.sgmv_expand(y, v, weights, layer, rows, indptr, ranks)
 
 
-@bgmv_shrink.register_kernel("cuda")
+# ---- CUDA: the kernels, from the segments' device-side arguments.
+
+
+def sgmv_shrink_cuda(
+    x: torch.Tensor, weights: list[torch.Tensor], pointers: torch.Tensor, layer: int, rows: torch.Tensor,
+    indptr: torch.Tensor, ranks: torch.Tensor, max_rank: int, longest: int,
+) -> torch.Tensor:  # fmt: skip
+    """Split partial sums of ``x[rows[i]] · A_s``: float32 ``[splits, n, max_rank]``, elements past a segment's
+    rank unwritten. ``pointers[layer, s]`` is the address of ``weights[s][layer]`` (``SegmentWeights``)."""
+    ptrs = pointers[layer]
+    if ptrs.dtype != torch.int64:
+        raise cuda.KernelError(f"weight pointers must be int64, got {ptrs.dtype}")
+    parts = cuda.splits_for(_sgmv_blocks(ranks, longest), x.shape[1])
+    vp = torch.empty(parts, rows.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    cuda.launch_shrink(x, rows, indptr, ptrs, ranks, vp, longest)
+    return vp
+
+
+def sgmv_expand_cuda(
+    y: torch.Tensor, v: torch.Tensor, weights: list[torch.Tensor], pointers: torch.Tensor, layer: int,
+    rows: torch.Tensor, indptr: torch.Tensor, ranks: torch.Tensor, longest: int,
+) -> None:  # fmt: skip
+    """``y[rows[i]] += (sum_p v[p, i, :r_s]) · B_s`` in place; ``y`` may be a column slice of a fused output."""
+    ptrs = pointers[layer]
+    if ptrs.dtype != torch.int64:
+        raise cuda.KernelError(f"weight pointers must be int64, got {ptrs.dtype}")
+    cuda.launch_expand(y, v, rows, indptr, ptrs, ranks, longest)
+
+
 def bgmv_shrink_cuda(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The kernels: one one-token segment per row, its weight pointer computed on the device."""
-    rows, indptr, ptrs, row_ranks = _segments(a, ranks, idx)
-    vp = torch.empty(_splits(x), x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    rows, indptr, ptrs, row_ranks = _slot_segments(a, ranks, idx)
+    parts = cuda.splits_for(x.shape[0], x.shape[1])
+    vp = torch.empty(parts, x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
     cuda.launch_shrink(x, rows, indptr, ptrs, row_ranks, vp, 1)
     return vp
 
 
-@torch.library.custom_op("loraplex::bgmv_expand", mutates_args=("y",))
-def bgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> None:
-    """``y[t] += (sum_p v[p, t, :r]) · B_{idx[t]}`` in place, with r = ``ranks[idx[t]]``; rows with idx < 0 or
-    rank 0 are left bit-identical. y ``[T, h_out]`` (rows may be strided: a column slice of a fused output);
-    v ``[P, T, R]`` float32 (may be a column slice of a shared shrink's output); b ``[slots, R, h_out]``."""
-    safe, row_ranks = _row_ranks(ranks, idx)
-    acc = _acc(v.dtype)
-    keep = torch.arange(b.shape[1], device=y.device)[None, :] < row_ranks[:, None]
-    vs = torch.where(keep, v.sum(0).to(acc), 0)
-    delta = torch.bmm(vs.unsqueeze(1), b[safe].to(acc)).squeeze(1)
-    y.copy_(torch.where((row_ranks > 0)[:, None], (y.to(acc) + delta).to(y.dtype), y))
-
-
-@bgmv_expand.register_fake
-def _(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> None:
-    return None
-
-
-@bgmv_expand.register_kernel("cuda")
 def bgmv_expand_cuda(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> None:
-    rows, indptr, ptrs, row_ranks = _segments(b, ranks, idx)
+    rows, indptr, ptrs, row_ranks = _slot_segments(b, ranks, idx)
     cuda.launch_expand(y, v, rows, indptr, ptrs, row_ranks, 1)
 
 
-def _segments(
+def _slot_segments(
     w: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' segment arguments for one row per segment: rows, indptr, each row's weight pointer
@@ -92,8 +116,69 @@ def _segments(
     if (w.stride(0) * w.element_size()) % 16 or w.data_ptr() % 16:
         raise cuda.KernelError("slot weights must start on 16-byte boundaries")
     n = idx.shape[0]
-    safe, row_ranks = _row_ranks(ranks, idx)
+    safe = idx.clamp(min=0).long()
+    row_ranks = torch.where(idx >= 0, ranks[safe], 0).to(torch.int32)
     ptrs = safe * (w.stride(0) * w.element_size()) + w.data_ptr()
     rows = torch.arange(n, dtype=torch.int32, device=idx.device)
     indptr = torch.arange(n + 1, dtype=torch.int32, device=idx.device)
     return rows, indptr, ptrs, row_ranks
+
+
+# ---- Fake: shapes, dtypes and devices only.
+
+
+def _sgmv_shrink_fake(
+    x: torch.Tensor, weights: list[torch.Tensor], pointers: torch.Tensor, layer: int, rows: torch.Tensor,
+    indptr: torch.Tensor, ranks: torch.Tensor, max_rank: int, longest: int,
+) -> torch.Tensor:  # fmt: skip
+    parts = _splits(x, _sgmv_blocks(ranks, longest))
+    return x.new_empty(parts, rows.shape[0], max_rank, dtype=reference.accumulator(x.dtype))
+
+
+def _bgmv_shrink_fake(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(_splits(x, x.shape[0]), x.shape[0], a.shape[1], dtype=reference.accumulator(x.dtype))
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {
+    "sgmv_shrink": {"CPU": _sgmv_shrink_cpu, "CUDA": sgmv_shrink_cuda, "fake": _sgmv_shrink_fake},
+    "sgmv_expand": {"CPU": _sgmv_expand_cpu, "CUDA": sgmv_expand_cuda, "fake": _nothing},
+    "bgmv_shrink": {"CPU": reference.bgmv_shrink, "CUDA": bgmv_shrink_cuda, "fake": _bgmv_shrink_fake},
+    "bgmv_expand": {"CPU": reference.bgmv_expand, "CUDA": bgmv_expand_cuda, "fake": _nothing},
+}
+
+for _name, _schema in SCHEMAS.items():
+    _LIB.define(_schema)
+    for _key, _fn in IMPLEMENTATIONS[_name].items():
+        if _key == "fake":
+            torch.library.register_fake(f"loraplex::{_name}", _fn, lib=_LIB)
+        else:
+            _LIB.impl(_name, _fn, _key)
+
+
+def sgmv_shrink(x: torch.Tensor, segs: Segments, a: SegmentWeights, layer: int) -> torch.Tensor:
+    """``torch.ops.loraplex.sgmv_shrink`` for ``segs``' rows at ``layer``: float32 ``[P, segs.num_rows,
+    segs.max_rank]`` partial sums (``sgmv_expand`` adds them up). ``a`` holds each segment's ``A^T``."""
+    return torch.ops.loraplex.sgmv_shrink.default(
+        x, list(a.stacks), a.pointers, layer, segs.rows, segs.indptr, segs.ranks, segs.max_rank, segs.longest
+    )
+
+
+def sgmv_expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    segs: Segments,
+    b: SegmentWeights,
+    layer: int,
+    ranks: torch.Tensor | None = None,
+) -> None:
+    """``torch.ops.loraplex.sgmv_expand``: ``y[rows[i]] += v[:, i, :r_s].sum(0) · B_s`` in place. ``ranks``
+    replaces ``segs.ranks`` (0 leaves a segment's rows alone), so several expands can read one shrink's
+    output at different columns. ``b`` holds each segment's ``B`` (scaling folded in)."""
+    torch.ops.loraplex.sgmv_expand.default(
+        y, v, list(b.stacks), b.pointers, layer, segs.rows, segs.indptr, segs.ranks if ranks is None else ranks,
+        segs.longest,
+    )  # fmt: skip

@@ -27,7 +27,7 @@ from loraplex.shard.lora.weights_file import (
     weights_path,
 )
 from loraplex.shard.parallel import TensorParallel
-from loraplex.shard.projections import PROJECTIONS, Projection
+from loraplex.shard.projections import PROJECTIONS, SITES, Projection
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 _SERIALS = itertools.count(1)
@@ -40,9 +40,6 @@ class ProjectionWeights:
     a: torch.Tensor  # [num_layers, in_features, rank]
     b: torch.Tensor  # [num_layers, rank, out_features], already multiplied by the scaling
     ranks: dict[int, int]  # layer -> rank actually trained there
-    # On CUDA, A transposed and contiguous ([num_layers, rank, in_features]) for the kernels; ``a`` is then
-    # a view of it, so the weights are held once.
-    a_t: torch.Tensor | None = None
     # Non-zero in a compact host copy (a CUDA shard's, whose plans only see device copies): ``a`` and ``b``
     # then hold only the trained layers (``sorted(ranks)``) of ``compact_of``, and ``to`` lays them out in full.
     compact_of: int = 0
@@ -77,6 +74,10 @@ class LoraAdapter:
     source: str = ""
     # Unique for the life of the process (unlike id()), so a cached batch plan never outlives its weights.
     serial: int = field(default_factory=lambda: next(_SERIALS))
+    # On CUDA, the kernels' layout: per site (shard/projections.py), the A^T of its projections side by side,
+    # ``[num_layers, sum of their ranks, in_features]`` contiguous, in the site's order; each projection's ``a``
+    # is a view of it, so the weights are held once and one shrink serves q, k and v (gate and up).
+    site_a_t: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -100,18 +101,33 @@ class LoraAdapter:
         """The same adapter with its weights on ``device`` in full layout (itself when already so there)."""
         first = next(iter(self.projections.values())).a
         compact = any(p.compact_of for p in self.projections.values())
-        if first.device == torch.device(device) and not compact:
+        kernels = torch.device(device).type == "cuda"  # the kernels' layout too (with_site_shrinks)
+        if first.device == torch.device(device) and not compact and (self.site_a_t or not kernels):
             return self
         moved = {}
         for name, p in self.projections.items():
             full_a, full_b = p.expanded()
-            b = full_b.to(device, non_blocking=True)
-            if torch.device(device).type == "cuda":
-                a_t = full_a.transpose(1, 2).contiguous().to(device, non_blocking=True)
-                moved[name] = ProjectionWeights(a_t.transpose(1, 2), b, p.ranks, a_t)
-            else:
-                moved[name] = ProjectionWeights(full_a.to(device, non_blocking=True), b, p.ranks)
-        return LoraAdapter(self.adapter_id, moved, self.weight_bytes, self.source)
+            moved[name] = ProjectionWeights(
+                full_a.to(device, non_blocking=True), full_b.to(device, non_blocking=True), p.ranks
+            )
+        adapter = LoraAdapter(self.adapter_id, moved, self.weight_bytes, self.source)
+        return adapter.with_site_shrinks() if kernels else adapter
+
+    def with_site_shrinks(self) -> LoraAdapter:
+        """The same adapter (same serial) in the kernels' layout: ``site_a_t`` filled, each ``a`` a view of it."""
+        site_a_t, projections = {}, dict(self.projections)
+        for site, projs in SITES.items():
+            present = [p.name for p in projs if p.name in projections]
+            if not present:
+                continue
+            fused = torch.cat([projections[n].a.transpose(1, 2) for n in present], dim=1).contiguous()
+            site_a_t[site] = fused
+            col = 0
+            for n in present:
+                w = projections[n]
+                projections[n] = ProjectionWeights(fused[:, col : col + w.rank].transpose(1, 2), w.b, w.ranks)
+                col += w.rank
+        return LoraAdapter(self.adapter_id, projections, self.weight_bytes, self.source, self.serial, site_a_t)
 
 
 def _parse_keys(entries: Iterable[str], config: ModelConfig) -> dict[tuple[int, str], dict[str, str]]:

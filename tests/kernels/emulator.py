@@ -7,13 +7,16 @@ the device. The arithmetic is the kernels' documented contract (lora_sgmv.cu's h
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from loraplex.kernels import cuda
+from loraplex.kernels import cuda, ops
 
 _SHRINK = ("ptr", np.int32, "ptr", "ptr", "ptr", "ptr", "ptr", np.int32, np.int32, np.int32)
 _EXPAND = ("ptr", np.int32, np.int64, np.int32, "ptr", "ptr", "ptr", "ptr", "ptr", np.int32, np.int32)
@@ -103,3 +106,22 @@ class Emulator:
                 v = np.sum(parts, axis=0)
                 at = y + 2 * int(rows[i]) * int(ldy)
                 _write_half(at, _read_half(at, h_out, kind) + (v.astype(np.float64) @ b), kind)
+
+
+@contextlib.contextmanager
+def kernels_on_cpu() -> Iterator[Emulator]:
+    """CPU tensors take the ops' CUDA implementations (the launchers), launched by an ``Emulator``.
+
+    The ops' CPU kernels (the reference) are overridden for the duration; leaving restores them."""
+    double = Emulator()
+    cuda.set_launcher(double, "cpu")
+    override = torch.library.Library("loraplex", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose
+            for name, impls in ops.IMPLEMENTATIONS.items():
+                override.impl(name, impls["CUDA"], "CPU")
+        yield double
+    finally:
+        override._destroy()
+        cuda.set_launcher(None)

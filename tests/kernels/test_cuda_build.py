@@ -62,12 +62,14 @@ def test_without_a_gpu_the_launcher_says_so_and_refuses_cpu_tensors() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tests/kernels/test_cuda_kernels.py covers it")
+    from loraplex.kernels import ops
     from loraplex.kernels.segments import Segments, SegmentWeights
 
     assert not cuda.available()
     segs = Segments.build([[0, 1]], [4])
     a = SegmentWeights.of([torch.zeros(1, 4, 8, dtype=torch.bfloat16)])
+    args = (list(a.stacks), a.pointers, 0, segs.rows, segs.indptr, segs.ranks)
     with pytest.raises(cuda.KernelError, match="CUDA"):
-        cuda.shrink(torch.zeros(2, 8, dtype=torch.bfloat16), segs, a, 0)
-    with pytest.raises(cuda.KernelError, match="ranks must be"):
-        cuda.shrink(torch.zeros(2, 8, dtype=torch.bfloat16), Segments.build([[0]], [129]), a, 0)
+        ops.sgmv_shrink_cuda(torch.zeros(2, 8, dtype=torch.bfloat16), *args, segs.max_rank, segs.longest)
+    with pytest.raises(cuda.KernelError, match="CUDA"):
+        ops.sgmv_expand_cuda(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(1, 2, 4), *args, segs.longest)

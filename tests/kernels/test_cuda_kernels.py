@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.kernels import cuda, reference
+from loraplex.kernels import cuda, ops, reference
 from loraplex.kernels.segments import Segments, SegmentWeights
 
 pytestmark = [
@@ -59,16 +59,16 @@ def _case(mix: str, h_in: int, h_out: int, dtype: torch.dtype, seed: int) -> Non
     a = SegmentWeights.of([t.unsqueeze(0) for t in a_t])  # one layer per segment
     b_w = SegmentWeights.of([t.unsqueeze(0) for t in b])
     # The oracle: the same call on the reference, in float64.
-    a64 = SegmentWeights.of([t.double().unsqueeze(0) for t in a_t])
-    b64 = SegmentWeights.of([t.double().unsqueeze(0) for t in b])
+    a64, b64 = [t.double().unsqueeze(0) for t in a_t], [t.double().unsqueeze(0) for t in b]
     y64 = before[:, 8 : 8 + h_out].double()
-    reference.expand(y64, reference.shrink(x.double(), segs, a64, 0), segs, b64, 0)
+    v64 = reference.sgmv_shrink(x.double(), a64, 0, segs.rows, segs.indptr, segs.ranks, segs.max_rank)
+    reference.sgmv_expand(y64, v64, b64, 0, segs.rows, segs.indptr, segs.ranks)
     expected = y64 - before[:, 8 : 8 + h_out].double()
 
     deltas = []
     for _ in range(2):  # a result that moves between runs is a race
         wide.copy_(before)
-        cuda.expand(y, cuda.shrink(x, segs, a, 0), segs, b_w, 0)
+        ops.sgmv_expand(y, ops.sgmv_shrink(x, segs, a, 0), segs, b_w, 0)
         torch.cuda.synchronize()
         deltas.append(wide[:, 8 : 8 + h_out].double() - before[:, 8 : 8 + h_out].double())
         touched = sorted(r for rows in members for r in rows)

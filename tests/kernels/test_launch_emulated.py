@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 
@@ -11,17 +12,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from loraplex.kernels import cuda, ops, reference
 from loraplex.kernels.segments import Segments, SegmentWeights
-from tests.kernels.emulator import Emulator
+from tests.kernels.emulator import Emulator, kernels_on_cpu
 
 
 @pytest.fixture
 def emulator() -> Iterator[Emulator]:
-    double = Emulator()
-    cuda.set_launcher(double, "cpu")
-    try:
+    with kernels_on_cpu() as double:
         yield double
-    finally:
-        cuda.set_launcher(None)
 
 
 def _members(lengths: list[int], rng: random.Random) -> tuple[list[list[int]], int]:
@@ -52,12 +49,14 @@ def test_segment_launches_equal_the_reference(emulator: Emulator, lengths: list[
     segs = Segments.build(members, ranks, "cpu", total)
 
     y64 = before[:, 8 : 8 + h_out].double()
-    a64, b64 = SegmentWeights.of([t.double() for t in a_t]), SegmentWeights.of([t.double() for t in b])
-    reference.expand(y64, reference.shrink(x.double(), segs, a64, 1), segs, b64, 1)
+    v64 = reference.sgmv_shrink(
+        x.double(), [t.double() for t in a_t], 1, segs.rows, segs.indptr, segs.ranks, segs.max_rank
+    )
+    reference.sgmv_expand(y64, v64, [t.double() for t in b], 1, segs.rows, segs.indptr, segs.ranks)
 
-    vp = cuda.shrink(x, segs, SegmentWeights.of(a_t), 1)
+    vp = ops.sgmv_shrink(x, segs, SegmentWeights.of(a_t), 1)  # through the op: its CUDA code, emulated
     assert vp.shape[0] > 1 or h_in < 2 * cuda.MIN_SPLIT  # the split-K path is exercised
-    cuda.expand(wide[:, 8 : 8 + h_out], vp, segs, SegmentWeights.of(b), 1)
+    ops.sgmv_expand(wide[:, 8 : 8 + h_out], vp, segs, SegmentWeights.of(b), 1)
     touched = sorted(r for m in members for r in m)
     untouched = [r for r in range(total) if r not in set(touched)]
     assert torch.equal(wide[untouched], before[untouched])
@@ -72,9 +71,12 @@ def test_the_launcher_refuses_what_the_vector_loads_cannot_take(emulator: Emulat
     segs = Segments.build([[0]], [4])
     a = SegmentWeights.of([torch.zeros(1, 4, 20, dtype=torch.bfloat16)])
     with pytest.raises(cuda.KernelError, match="16-byte"):
-        cuda.shrink(torch.zeros(1, 20, dtype=torch.bfloat16), segs, a, 0)
+        ops.sgmv_shrink(torch.zeros(1, 20, dtype=torch.bfloat16), segs, a, 0)
     with pytest.raises(cuda.KernelError, match="float16 or bfloat16"):
-        cuda.shrink(torch.zeros(1, 16), segs, a, 0)
+        ops.sgmv_shrink(torch.zeros(1, 16), segs, a, 0)
+    v = torch.zeros(1, 1, cuda.MAX_RANK + 1)
+    with pytest.raises(cuda.KernelError, match=f"<= {cuda.MAX_RANK}"):
+        ops.sgmv_expand(torch.zeros(1, 16, dtype=torch.bfloat16), v, segs, a, 0)
 
 
 def _slots(dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -92,9 +94,9 @@ def _slots(dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]
 def test_bgmv_ops_cuda_implementation_equals_their_cpu_implementation(emulator: Emulator, dtype: torch.dtype) -> None:
     a, b, ranks, idx, x, y = _slots(dtype, torch.Generator().manual_seed(3))
     expected = y.clone()
-    torch.ops.loraplex.bgmv_expand(expected[:, 8:], torch.ops.loraplex.bgmv_shrink(x, a, ranks, idx), b, ranks, idx)
-    got = y.clone()
-    ops.bgmv_expand_cuda(got[:, 8:], ops.bgmv_shrink_cuda(x, a, ranks, idx), b, ranks, idx)
+    reference.bgmv_expand(expected[:, 8:], reference.bgmv_shrink(x, a, ranks, idx), b, ranks, idx)
+    got = y.clone()  # the ops, whose CPU code is their CUDA code here (emulated launches)
+    torch.ops.loraplex.bgmv_expand(got[:, 8:], torch.ops.loraplex.bgmv_shrink(x, a, ranks, idx), b, ranks, idx)
     plain = [i for i, s in enumerate(idx.tolist()) if s < 0 or ranks[s] == 0]
     assert torch.equal(got[plain], y[plain]) and torch.equal(expected[plain], y[plain])
     assert torch.equal(got[:, :8], y[:, :8])
@@ -122,3 +124,44 @@ def test_bgmv_ops_fake_implementations_give_the_kernels_shapes() -> None:
     y = torch.randn(4, 32)
     v = torch.ops.loraplex.bgmv_shrink(*args, idx)
     torch.library.opcheck(torch.ops.loraplex.bgmv_expand.default, (y, v, torch.randn(3, 8, 32), args[2], idx))
+
+
+def test_sgmv_ops_fake_implementations_give_the_kernels_shapes() -> None:
+    lengths, ranks = [3, 1, 9], [8, 24, 16]
+    host = Segments.build([list(range(3)), [3], list(range(4, 13))], ranks, "cpu", 16)
+    with FakeTensorMode():
+        for device in ("cpu", "cuda"):
+            fields = {
+                f: torch.empty(getattr(host, f).shape, dtype=torch.int32, device=device)
+                for f in ("rows", "indptr", "ranks")
+            }
+            segs = dataclasses.replace(host, **fields)
+            stacks = [torch.empty(2, r, 4096, dtype=torch.bfloat16, device=device) for r in ranks]
+            a = SegmentWeights(tuple(stacks), torch.empty(2, 3, dtype=torch.int64, device=device))
+            x = torch.empty(16, 4096, dtype=torch.bfloat16, device=device)
+            v = ops.sgmv_shrink(x, segs, a, 1)
+            tiles = len(lengths) * -(-max(lengths) // cuda.tile_for(max(lengths)))
+            parts = cuda.splits_for(tiles, 4096) if device == "cuda" else 1
+            assert v.shape == (parts, 13, 24) and v.dtype == torch.float32 and v.device.type == device
+            y = torch.empty(16, 1024, dtype=torch.bfloat16, device=device)
+            b = SegmentWeights(tuple(torch.empty(2, r, 1024, device=device) for r in ranks), a.pointers)
+            assert ops.sgmv_expand(y, v.narrow(2, 0, 16), segs, b, 1) is None
+    assert parts > 1  # a short batch splits h_in to fill the device
+    gen = torch.Generator().manual_seed(5)
+    segs = Segments.build([[0, 2], [1]], [8, 3])
+    a_stacks = [torch.randn(2, r, 64, generator=gen) for r in (8, 3)]
+    a = SegmentWeights.of(a_stacks)
+    x = torch.randn(4, 64, generator=gen)
+    args = (x, list(a.stacks), a.pointers, 1, segs.rows, segs.indptr, segs.ranks, segs.max_rank, segs.longest)
+    torch.library.opcheck(torch.ops.loraplex.sgmv_shrink.default, args)
+    v = torch.ops.loraplex.sgmv_shrink.default(*args)
+    assert torch.allclose(v[0, 0, :8], a_stacks[0][1] @ x[0]) and torch.equal(v[0, 2, 3:], torch.zeros(5))
+    b = SegmentWeights.of([torch.randn(2, r, 32, generator=gen) for r in (8, 3)])
+    y = torch.randn(4, 32, generator=gen)
+    ranks = torch.tensor([0, 3], dtype=torch.int32)  # the first segment left alone: its rows stay as they were
+    expand = (v, list(b.stacks), b.pointers, 1, segs.rows, segs.indptr, ranks, segs.longest)
+    torch.library.opcheck(torch.ops.loraplex.sgmv_expand.default, (y.clone(), *expand))
+    before = y.clone()
+    torch.ops.loraplex.sgmv_expand.default(y, *expand)
+    assert torch.equal(y[[0, 2, 3]], before[[0, 2, 3]])
+    assert torch.allclose(y[1], before[1] + v[0, 2, :3] @ b.stacks[1][1])  # row 1 is listed third

@@ -1,11 +1,11 @@
-"""The PyTorch LoRA ops (the kernels' reference and the CPU path's bmm) against the per-row loop."""
+"""The PyTorch LoRA ops (the SGMV ops' CPU code and the CPU path's bmm) against the per-row loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraplex.kernels import reference
+from loraplex.kernels import ops
 from loraplex.kernels.bmm import gather_rows, sgmv_expand, sgmv_shrink
 from loraplex.kernels.segments import Segments, SegmentWeights
 from tests.kernels.oracle import lora_naive
@@ -72,7 +72,7 @@ def test_reference_equals_naive_loop(mix: str, rows: int) -> None:
     a = SegmentWeights.of([torch.stack([torch.zeros_like(weights[k][0].t()), weights[k][0].t()]) for k in seg_keys])
     b = SegmentWeights.of([torch.stack([torch.zeros_like(weights[k][1]), weights[k][1]]) for k in seg_keys])
     y = y0.clone()
-    reference.expand(y, reference.shrink(x, segs, a, 1), segs, b, 1)
+    ops.sgmv_expand(y, ops.sgmv_shrink(x, segs, a, 1), segs, b, 1)  # CPU tensors: the reference
     expected = y0.double() + lora_naive(x, keys, weights) if weights else y0.double()
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-4)
     untouched = [i for i, k in enumerate(keys) if k < 0]
