@@ -31,6 +31,9 @@ class RouterSettings:
     max_batch_size: int = 256
     waiting_served_ratio: float = 1.2
     adapter_slot_patience: float = 2.0
+    # With prefix caching: seconds a waiting request may be overtaken by ones expected to find their prompt's
+    # prefix cached (router/admission.py ``cached_first``); 0: arrival order.
+    cached_prefix_patience: float = 2.0
     drain_timeout: float = DRAIN_TIMEOUT
     connect_timeout: float = 120.0
     max_body_bytes: int = 1 << 20
@@ -71,6 +74,13 @@ def add_serving_flags(p: FlagParser) -> None:
         type=float,
         default=d.adapter_slot_patience,
         help="seconds a request for an adapter not on the device lets others overtake it",
+    )
+    p.flag(
+        "--cached-prefix-patience",
+        type=float,
+        default=d.cached_prefix_patience,
+        help="with prefix caching, seconds a waiting request lets requests whose prompt prefix is cached overtake "
+        "it; 0 keeps arrival order",
     )
     add_drain_timeout_flag(p, "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before exiting")
     p.flag("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger HTTP bodies get 413")
@@ -145,6 +155,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RouterSettings:
         problems.append("limits must be positive")
     if s.prefill_chunk_tokens < 0:
         problems.append("--prefill-chunk-tokens must be 0 (no chunking) or positive")
+    if min(s.adapter_slot_patience, s.cached_prefix_patience) < 0:
+        problems.append("--adapter-slot-patience and --cached-prefix-patience must be 0 or positive")
     if min(s.max_concurrent_requests_per_tenant, s.max_adapter_loads_per_tenant) < 0:
         problems.append("per-tenant limits must be 0 (no limit) or positive")
     if s.metrics_top_adapters < 0:

@@ -1,13 +1,17 @@
-"""Adapter-slot admission: FIFO among requests that need a slot, bounded overtaking, no starvation."""
+"""Admission: FIFO among adapter-slot waiters, cached prefixes first, bounded overtaking, no starvation."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections import deque
 from typing import Any
 
+from loraplex.router import admission
 from loraplex.router.inflight import InFlightRequest
 from loraplex.router.metrics import Metrics
+from loraplex.router.prefix_estimate import PrefixEstimate
 from loraplex.router.scheduler import Scheduler
 from loraplex.router.settings import RouterSettings
 from loraplex.router.shards import ShardClients
@@ -63,3 +67,49 @@ def test_the_first_free_slot_goes_to_the_oldest_waiter() -> None:
     admitted = [e.params.adapter_id for e in list(scheduler._admit())]
     assert admitted == ["c", "a"]  # one slot was free: c takes it, d waits for the next
     assert [e.params.adapter_id for e in scheduler.waiting] == ["d"]
+
+
+def _prompted(prompt: list[int], waited: float = 0.0) -> InFlightRequest:
+    entry = InFlightRequest(prompt, validate_parameters({"max_new_tokens": 4}, SETTINGS), 4)
+    entry.queued_at = time.monotonic() - waited
+    return entry
+
+
+def test_cached_first_puts_the_patient_then_the_cached_then_the_rest_each_in_queue_order() -> None:
+    cached = {"c1", "c2", "old-cached"}
+    names = ["u1", "c1", "old", "u2", "c2", "old-cached", "u3", "c3-outside-the-window"]
+    entries = {n: _prompted([1], waited=5.0 if n.startswith("old") else 0.0) for n in names}
+    name_of = {id(e): n for n, e in entries.items()}
+    queue = deque(entries.values())
+    out = admission.cached_first(
+        queue, lambda e: name_of[id(e)] in cached, now=time.monotonic(), patience=2.0, window=7
+    )
+    assert [name_of[id(e)] for e in out] == ["old", "old-cached", "c1", "c2", "u1", "u2", "u3", "c3-outside-the-window"]
+    unchanged = deque(entries.values())
+    same = admission.cached_first(unchanged, lambda e: True, now=time.monotonic(), patience=0.0, window=7)
+    assert [name_of[id(e)] for e in same] == names  # patience 0: arrival order
+
+
+def test_a_step_takes_requests_whose_shared_prefix_is_cached_before_those_that_must_compute_theirs() -> None:
+    system = [5] * 40
+    shared = [[*system, i, i + 1, i + 2, i + 3] for i in (1, 2)]  # 44 tokens, 40 of them expected cached
+    unique = [[100 + i] * 44 for i in range(2)]
+
+    def admitted(patience: float) -> list[tuple[int, int]]:
+        settings = dataclasses.replace(SETTINGS, cached_prefix_patience=patience, max_input_tokens=100)
+        est = PrefixEstimate(4, 1024)
+        est.record(est.hashes("", [*system, 0]), 40)  # the system prompt's blocks ran for an earlier request
+
+        def step() -> dict[InFlightRequest, int]:
+            shards = ShardClients(["unix:///nonexistent.sock"])
+            scheduler = Scheduler(shards, None, settings, set(), Metrics(), prefix=est)  # type: ignore[arg-type]
+            for i, prompt in enumerate([*unique, *shared]):
+                e = _prompted(prompt)
+                e.id = i + 1
+                scheduler.waiting.append(e)
+            return scheduler._admit(48, chunked=True)
+
+        return [(e.id, tokens) for e, tokens in _run(step).items()]
+
+    assert admitted(2.0) == [(3, 4), (4, 4), (1, 40)]  # both cached ones run their last 4 tokens, then a chunk
+    assert admitted(0.0) == [(1, 44), (2, 4)]  # arrival order: the cached ones wait behind 88 tokens of prompt
