@@ -14,7 +14,7 @@ import grpc
 
 from loraplex.proto.shard.v1 import shard_pb2 as pb
 from loraplex.router import admission, shard_requests
-from loraplex.router.events import EndEvent, ErrorEvent, Event, TokenEvent, TokenInfo
+from loraplex.router.events import EndEvent, ErrorEvent, Event
 from loraplex.router.inflight import InFlightRequest, Overloaded
 from loraplex.router.kv_budget import KvBudget
 from loraplex.router.metrics import Metrics
@@ -368,44 +368,12 @@ class Scheduler:
             if e is None or e.finished or e.cancelled:
                 continue
             try:
-                self._token(e, g, now)
+                end = shard_requests.take_token(e, g, now, self.tokenizer, self.eos_ids, self.metrics)
+                if end is not None:
+                    self._finish(e, end)
             except Exception:  # this request's own token (its text, its stop check): it alone fails
                 log.exception("token handling failed", extra={"request": e.id})
                 self._finish(e, ErrorEvent("generation failed: internal error"))  # _filter drops it on the shards
-
-    def _token(self, e: InFlightRequest, g: pb.Generation, now: float) -> None:
-        """One generated token of ``e``: its text, its event, and whether it ends the request."""
-        if g.prefill_tokens:
-            e.prefill = [self._info(t.id, t.logprob) for t in g.prefill_tokens]
-        e.prefilling, e.prompt_left = False, 0  # a token: its prompt has all run (maybe ended early by the cache)
-        if not e.generated and not e.cached_tokens:
-            e.cached_tokens = g.cached_tokens
-        if e.generated:
-            self.metrics.inter_token_latency.observe(now - e.last_token_at)
-        else:
-            self.metrics.time_to_first_token.observe(now - e.queued_at)
-        e.last_token_at = now
-        token = self._info(g.token.id, g.token.logprob)
-        e.generated.append(token.id)
-        if not token.special:  # its text is what it completes (nothing while a character is split across tokens)
-            token = TokenInfo(token.id, e.stream.push(self.tokenizer, token.id), token.logprob, token.special)
-        reason = shard_requests.finish_reason(e, token, self.eos_ids)
-        if reason:  # a character left incomplete at the end is text too, as decoding everything gives it
-            rest = e.stream.finish(self.tokenizer)
-            if rest and not token.special:  # after a special token it is in generated_text only
-                token = TokenInfo(token.id, token.text + rest, token.logprob, token.special)
-        tops = [self._info(t.id, t.logprob) for t in g.top_tokens]
-        e.tokens.append(token)
-        e.top_tokens.append(tops)
-        e.events.put_nowait(TokenEvent(len(e.tokens), token, tops))
-        self.metrics.output_tokens.inc()
-        self.metrics.adapter_tokens.labels(e.params.adapter_id or "base").inc()
-        if reason:
-            self._finish(e, shard_requests.end_event(e, reason))
-
-    def _info(self, token_id: int, logprob: float) -> TokenInfo:
-        special = token_id in self.tokenizer.special_ids
-        return TokenInfo(token_id, self.tokenizer.token_text(token_id), logprob, special)
 
     def _release(self, e: InFlightRequest) -> None:
         """The request holds nothing on the shards any more: its adapter may be unloaded."""
