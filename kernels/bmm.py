@@ -1,17 +1,58 @@
-"""SGMV as one ``bmm`` per half over chunks of one adapter each (``Segments``' chunk layout): the CPU path."""
+"""SGMV as one ``bmm`` per half over chunks of one adapter each (a padded chunk layout): the CPU path."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
-from loraplex.kernels.segments import Segments
+
+class Layout(Protocol):
+    """Where each taking-part row sits in a padded ``[num_chunks * chunk_len]`` layout, one adapter a chunk.
+
+    ``Segments`` is one (chunks in segment order); ``ChunkLayout`` is any other order, such as one that
+    follows the slots of weights already stacked elsewhere.
+    """
+
+    @property
+    def rows(self) -> torch.Tensor: ...  # [n] batch rows that take part
+    @property
+    def slots(self) -> torch.Tensor: ...  # [n] their places in the padded layout
+    @property
+    def num_chunks(self) -> int: ...
+    @property
+    def chunk_len(self) -> int: ...
+    @property
+    def identity(self) -> bool: ...  # the layout is the batch itself: no gather, no scatter
 
 
-def gather_rows(x: torch.Tensor, segs: Segments) -> torch.Tensor:
+@dataclass(frozen=True)
+class ChunkLayout:
+    """A ``Layout`` built by its user: ``rows`` and ``slots`` as int64 on the data's device.
+
+    Two shortcuts for layouts that are the batch reordered: ``order`` (the batch row at each place, when
+    every place holds one) gathers with one ``index_select``; ``back`` (each batch row's place, when every
+    batch row takes part) puts the results back with one. A bfloat16 ``index_add_`` of 64 rows took 80 us
+    against 24 us for ``index_select`` and ``add_``, at each of seven expands in every layer.
+    """
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    num_chunks: int
+    chunk_len: int
+    identity: bool
+    order: torch.Tensor | None = None
+    back: torch.Tensor | None = None
+
+
+def gather_rows(x: torch.Tensor, segs: Layout) -> torch.Tensor:
     """Rows of ``x`` ([T, in]) placed in the padded chunk layout: ``[num_chunks, chunk_len, in]``."""
     shape = (segs.num_chunks, segs.chunk_len, x.shape[-1])
     if segs.identity:
         return x.reshape(shape)
+    if isinstance(segs, ChunkLayout) and segs.order is not None:
+        return x.index_select(0, segs.order).view(shape)
     padded = x.new_zeros(segs.num_chunks * segs.chunk_len, x.shape[-1])
     # Indices on the data's device: the segments may have been built on the host.
     padded[segs.slots.to(x.device, torch.long)] = x[segs.rows.to(x.device, torch.long)]
@@ -27,13 +68,16 @@ def sgmv_shrink(x_padded: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x_padded.to(a.dtype), a)
 
 
-def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, segs: Segments) -> None:
+def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, segs: Layout) -> None:
     """``y[row] += v · B`` for every taking-part row, in place; other rows are left untouched.
 
-    ``y`` may be a column slice of a wider output (q, k and v share one fused projection output).
+    ``y`` may be a column slice of a wider output (q, k and v share one fused projection output). Chunks
+    holding no row (padding) are computed and never read, so their weights may hold anything.
     """
     out = torch.bmm(v, b).view(-1, b.shape[-1]).to(y.dtype)
     if segs.identity:
         y.add_(out)
+    elif isinstance(segs, ChunkLayout) and segs.back is not None:
+        y.add_(out.index_select(0, segs.back))
     else:
-        y.index_add_(0, segs.rows.to(y.device), out[segs.slots.to(y.device, torch.long)])
+        y.index_add_(0, segs.rows.to(y.device, torch.long), out[segs.slots.to(y.device, torch.long)])

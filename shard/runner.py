@@ -13,7 +13,8 @@ from loraplex.shard.attention import AttentionInput, ContextGroup
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.kv_cache import KVCache, KVCacheFull
 from loraplex.shard.lora.adapter import LoraAdapter
-from loraplex.shard.lora.plan import Backend, LoraPlan, make_plan
+from loraplex.shard.lora.plan import Backend, LoraPlan, make_plan, resolve_backend
+from loraplex.shard.lora.torch_plan import StackPool, TorchLoraPlan
 from loraplex.shard.model import CausalLM
 from loraplex.shard.parallel import TensorParallel
 from loraplex.shard.prefix_cache import PrefixIndex, adapter_identity, block_hashes, chain_next, chain_seed
@@ -68,6 +69,8 @@ class ModelRunner:
         self.lora_backend = lora_backend  # --lora-backend, resolved (None: auto for the model's device)
         self._plan_key: tuple[int, ...] | None = None
         self._plan: LoraPlan | None = None
+        # The PyTorch plans' stacked adapter weights, kept across plans: see TorchLoraPlan.
+        self.lora_stacks = StackPool()
         # A capturable decode (shard/decode_graph.py), used for the decode-only steps it fits when set.
         self.decode_graph: DecodeGraph | None = None
 
@@ -324,17 +327,37 @@ class ModelRunner:
         key = tuple(a.serial if a is not None else 0 for a in row_adapters)
         if cache and key == self._plan_key:
             return self._plan
-        if cache:
-            self.forget_plan()  # the old plan's weight copies go before the new ones are made, not after
-        dtype = self.decode_lora_dtype if cache else self.prefill_lora_dtype
-        plan = make_plan(row_adapters, self.model.config, dtype, self.model.device, self.lora_backend)
+        device = self.model.device
+        if (self.lora_backend or resolve_backend("auto", device)) != "torch":
+            if cache:
+                self._drop_plan()  # the old plan's weight copies go before the new ones are made, not after
+            dtype = self.decode_lora_dtype if cache else self.prefill_lora_dtype
+            plan = make_plan(row_adapters, self.model.config, dtype, device, self.lora_backend)
+        else:
+            # Any new plan may take over pool slots the cached one reads; rebuilding it costs no copies.
+            self._drop_plan()
+            # Short segments (decode rows, in prefill steps too) are batched GEMVs and use decode's dtype, and
+            # the same pool slots in every kind of step; long ones (prompt chunks) are GEMMs: prefill's dtype.
+            plan = TorchLoraPlan(
+                row_adapters,
+                self.model.config,
+                self.decode_lora_dtype,
+                pool=self.lora_stacks,
+                long_dtype="stacks" if cache else self.prefill_lora_dtype,
+                reuse=cache,
+            )
         if cache:
             self._plan_key, self._plan = key, plan
         return plan
 
-    def forget_plan(self) -> None:
-        """Drop the cached decode plan (it holds copies of adapter weights) so unloaded weights are freed."""
+    def _drop_plan(self) -> None:
         self._plan_key, self._plan = None, None
+
+    def forget_plan(self) -> None:
+        """Drop the cached decode plan and the stacked copies of adapters that are gone or unused lately:
+        the store's ``on_evict`` hook, so that unloaded weights are freed."""
+        self._drop_plan()
+        self.lora_stacks.forget()
 
     def generate_greedy(
         self,
