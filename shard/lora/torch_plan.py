@@ -105,6 +105,19 @@ class _Bank:
             self.last_used[s] = build
         return slots, len(misses), taken_over
 
+    def move(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Move slot contents (``(from, to)`` pairs forming a permutation of their slots) with their owners."""
+        src = torch.tensor([f for f, _ in moves], device=self.device)
+        dst = torch.tensor([t for _, t in moves], device=self.device)
+        self.a[:, dst] = self.a[:, src]  # the right side is gathered first: cycles are safe
+        for b in self.b.values():
+            b[:, dst] = b[:, src]
+        owners, serials, used = list(self.owners), list(self.serials), list(self.last_used)
+        for f, t in moves:
+            self.owners[t], self.serials[t], self.last_used[t] = owners[f], serials[f], used[f]
+            if owners[f] is not None:
+                self.slot_of[serials[f]] = t
+
     def _grow(self, cap: int) -> None:
         width = sum(w for _, w in self.widths)
         dtype, device = self.dtype, self.device
@@ -191,6 +204,12 @@ class StackPool:
         self.slot_writes += copied
         self.epoch += taken_over
         return bank, slots
+
+    def move(self, bank: _Bank, moves: Sequence[tuple[int, int]]) -> None:
+        """Permute slots of ``bank`` (within ``building``): plans built before read the wrong weights."""
+        bank.move(moves)
+        self.slot_writes += len(moves)
+        self.epoch += 1
 
     def converted(self, adapter: LoraAdapter, dtype: torch.dtype, build: int) -> Converted:
         """The adapter's weights in ``dtype``, converted once for every plan that runs it as a long segment."""
@@ -310,6 +329,15 @@ class TorchLoraPlan:
     ) -> _Stacked:
         bank, slots = self._pool.slots(key, members, build)
         lo, hi = min(slots), max(slots) + 1
+        batch = len(self.row_adapters)
+        if reuse and self.chunk_len == 1 and len(members) == batch == hi - lo:
+            # A decode plan over a run of slots in another order than its rows: put the slots in row order
+            # once (a copy of the misplaced ones) rather than reorder activations at every step.
+            want = [lo + rows_of[m.serial][0] for m in members]
+            moves = [(s, w) for s, w in zip(slots, want, strict=True) if s != w]
+            if moves:
+                self._pool.move(bank, moves)
+                slots = want
         idle = hi - lo - len(members)  # slots in the run that no row uses, read for nothing at every step
         # A plan used for many steps pays a gather once rather than idle reads at every step.
         gather = idle > (len(members) // 4 if reuse else len(members))
@@ -330,16 +358,17 @@ class TorchLoraPlan:
         chunks = a.shape[1]
         # Every batch row in its own chunk, in order: then no chunk is idle, and no gather is needed.
         identity = self.chunk_len == 1 and chunks == len(rows) == len(self.row_adapters) and rows == places
-        batch = len(self.row_adapters)
         order = back = None
         if not identity and sorted(places) == list(range(chunks * self.chunk_len)):
             order = [0] * len(places)
             for row, place in zip(rows, places, strict=True):
                 order[place] = row
-        if not identity and len(rows) == batch:
-            back = [0] * batch
+        # Decode rows are usually a run of the batch (a step's prompt chunks follow them): results go back there.
+        first = min(rows)
+        if not identity and max(rows) - first + 1 == len(rows):
+            back = [0] * len(rows)
             for row, place in zip(rows, places, strict=True):
-                back[row] = place
+                back[row - first] = place
 
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=bank.device)
@@ -352,6 +381,7 @@ class TorchLoraPlan:
             identity,
             None if order is None else index(order),
             None if back is None else index(back),
+            first,
         )
         expands = []
         col = 0
