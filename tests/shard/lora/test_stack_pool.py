@@ -107,6 +107,21 @@ def test_long_segments_run_on_the_adapters_own_weights() -> None:
     assert converted._solo["qkv"][0].parts[0][0].dtype == torch.float64
 
 
+def test_many_long_segments_are_stacked_for_the_plan_alone() -> None:
+    # A step of many prompts: their segments are copied into the plan's own stacks (one bmm per site),
+    # not into the pool, and not run one by one; ranks differ, so some chunks are padded.
+    prompts = [adapter(i, rank=4 if i % 2 else 3) for i in range(5)]
+    decodes = [adapter(10 + i) for i in range(3)]
+    rows: list[LoraAdapter | None] = list(decodes)
+    for i, a in enumerate(prompts):
+        rows += [a] * (17 + 9 * i) + [None]
+    pool = StackPool()
+    plan = TorchLoraPlan(rows, CONFIG, pool=pool)
+    assert pool.slot_writes == 3 * N and not plan._solo["qkv"]
+    assert len(plan._stacked["qkv"]) == 2  # the decode rows' bank, and the prompts' (ranks 3 padded to 4)
+    assert_plan_right(plan, rows)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_ramp_up_of_changing_batches_matches_the_adapters_weights(seed: int) -> None:
     # Chunked prefill's ramp-up: decode rows join a few at a time and leave, prompt chunks come and go,
