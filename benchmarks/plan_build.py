@@ -185,8 +185,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steady-steps", type=int, default=10, help="alternating decode steps at the end")
     parser.add_argument("--old-ref", default=DEFAULT_OLD_REF)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config, dtype = SMOLLM2_135M, torch.bfloat16
     adapters = make_adapters(config, args.requests, args.rank, dtype)
