@@ -92,24 +92,29 @@ def cached_first(
     waiting: deque[InFlightRequest],
     has_cached_prefix: Callable[[InFlightRequest], bool],
     *,
-    now: float,
     patience: float,
     window: int,
 ) -> deque[InFlightRequest]:
-    """The queue in cache-aware order: requests that have waited ``patience`` seconds or more first, then those
-    expected to find their prompt's prefix cached, then the rest, each group in queue order.
+    """The queue in cache-aware order: requests expected to find their prompt's prefix cached move ahead of
+    those that will not, but never ahead of one that arrived ``patience`` seconds or more before them.
 
     Why: requests that share a prompt prefix (a system prompt under one adapter) wait behind ones that must
     compute theirs, although each costs a fraction of the budget once the first of them has run. Taking them
-    first answers more requests sooner for the same work (SGLang orders by cached prefix as well). Nothing is
-    overtaken for longer than ``patience``, so a stream of cheap requests cannot starve an expensive one.
-    Only the first ``window`` requests are looked at (and reordered): a step admits no more than that.
+    first answers more requests sooner for the same work (SGLang orders by cached prefix as well). The bound
+    is on arrival times, not on time waited: a burst that arrives at once is reordered whole however long it
+    takes to serve, while a request is only ever overtaken by those that arrived less than ``patience`` after
+    it, so a steady stream of cheap requests cannot starve an expensive one. Only the first ``window``
+    requests are looked at: a step admits no more than that.
     """
     if patience <= 0 or len(waiting) < 2:
         return waiting
     head = [waiting.popleft() for _ in range(min(window, len(waiting)))]
-    groups: tuple[list[InFlightRequest], list[InFlightRequest], list[InFlightRequest]] = ([], [], [])
+    out: list[tuple[InFlightRequest, bool]] = []
     for e in head:
-        groups[0 if now - e.queued_at >= patience else 1 if has_cached_prefix(e) else 2].append(e)
-    waiting.extendleft(reversed([e for group in groups for e in group]))
+        cached = has_cached_prefix(e)
+        at = len(out)
+        while cached and at and not out[at - 1][1] and out[at - 1][0].queued_at > e.queued_at - patience:
+            at -= 1
+        out.insert(at, (e, cached))
+    waiting.extendleft(reversed([e for e, _ in out]))
     return waiting

@@ -136,7 +136,7 @@ class Scheduler:
         budget = self.settings.max_batch_prefill_tokens if budget is None else budget
         if self.prefix is not None:
             admission.cached_first(
-                self.waiting, lambda e: self._to_compute(e) < e.length, now=now,
+                self.waiting, lambda e: self._to_compute(e) < e.length,
                 patience=self.settings.cached_prefix_patience, window=self.settings.max_batch_size,
             )  # fmt: skip
         passed = admission.admit(

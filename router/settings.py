@@ -31,8 +31,8 @@ class RouterSettings:
     max_batch_size: int = 256
     waiting_served_ratio: float = 1.2
     adapter_slot_patience: float = 2.0
-    # With prefix caching: seconds a waiting request may be overtaken by ones expected to find their prompt's
-    # prefix cached (router/admission.py ``cached_first``); 0: arrival order.
+    # With prefix caching, requests expected to find their prompt's prefix cached overtake those that arrived
+    # less than this many seconds before them (router/admission.py ``cached_first``); 0: arrival order.
     cached_prefix_patience: float = 2.0
     drain_timeout: float = DRAIN_TIMEOUT
     connect_timeout: float = 120.0
@@ -79,8 +79,8 @@ def add_serving_flags(p: FlagParser) -> None:
         "--cached-prefix-patience",
         type=float,
         default=d.cached_prefix_patience,
-        help="with prefix caching, seconds a waiting request lets requests whose prompt prefix is cached overtake "
-        "it; 0 keeps arrival order",
+        help="with prefix caching, requests whose prompt prefix is cached overtake those that arrived less than "
+        "this many seconds before them; 0 keeps arrival order",
     )
     add_drain_timeout_flag(p, "on SIGTERM, seconds to let in-flight requests finish (new ones get 503) before exiting")
     p.flag("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger HTTP bodies get 413")

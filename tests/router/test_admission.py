@@ -75,19 +75,23 @@ def _prompted(prompt: list[int], waited: float = 0.0) -> InFlightRequest:
     return entry
 
 
-def test_cached_first_puts_the_patient_then_the_cached_then_the_rest_each_in_queue_order() -> None:
-    cached = {"c1", "c2", "old-cached"}
-    names = ["u1", "c1", "old", "u2", "c2", "old-cached", "u3", "c3-outside-the-window"]
-    entries = {n: _prompted([1], waited=5.0 if n.startswith("old") else 0.0) for n in names}
+def test_cached_requests_overtake_only_those_that_arrived_less_than_the_patience_before_them() -> None:
+    # Arrival times (seconds ago) and whether the prompt's prefix is expected cached.
+    queue = {"u-early": (10.0, False), "c-late": (1.0, True), "u1": (1.0, False), "c1": (0.5, True)}
+    queue |= {"u2": (0.5, False), "c2": (0.0, True), "c-outside-the-window": (0.0, True)}
+    entries = {n: _prompted([1], waited=w) for n, (w, _) in queue.items()}
     name_of = {id(e): n for n, e in entries.items()}
-    queue = deque(entries.values())
-    out = admission.cached_first(
-        queue, lambda e: name_of[id(e)] in cached, now=time.monotonic(), patience=2.0, window=7
-    )
-    assert [name_of[id(e)] for e in out] == ["old", "old-cached", "c1", "c2", "u1", "u2", "u3", "c3-outside-the-window"]
-    unchanged = deque(entries.values())
-    same = admission.cached_first(unchanged, lambda e: True, now=time.monotonic(), patience=0.0, window=7)
-    assert [name_of[id(e)] for e in same] == names  # patience 0: arrival order
+
+    def order(patience: float) -> list[str]:
+        out = admission.cached_first(
+            deque(entries.values()), lambda e: queue[name_of[id(e)]][1], patience=patience, window=6
+        )
+        return [name_of[id(e)] for e in out]
+
+    # Nothing passes u-early (it came 9 s before any cached request); the rest of the burst is reordered whole.
+    assert order(2.0) == ["u-early", "c-late", "c1", "c2", "u1", "u2", "c-outside-the-window"]
+    assert order(0.7) == ["u-early", "c-late", "c1", "u1", "c2", "u2", "c-outside-the-window"]  # c2 came 1 s after u1
+    assert order(0.0) == list(queue)  # patience 0: arrival order
 
 
 def test_a_step_takes_requests_whose_shared_prefix_is_cached_before_those_that_must_compute_theirs() -> None:
