@@ -14,7 +14,7 @@ from loraplex.shard.config import ModelConfig
 from loraplex.shard.kv_cache import KVCache, KVCacheFull
 from loraplex.shard.lora.adapter import LoraAdapter
 from loraplex.shard.lora.plan import Backend, LoraPlan, make_plan, resolve_backend
-from loraplex.shard.lora.torch_plan import StackPool, TorchLoraPlan
+from loraplex.shard.lora.stack_pool import StackPool
 from loraplex.shard.model import CausalLM
 from loraplex.shard.parallel import TensorParallel
 from loraplex.shard.prefix_cache import PrefixIndex, adapter_identity, block_hashes, chain_next, chain_seed
@@ -327,25 +327,23 @@ class ModelRunner:
         key = tuple(a.serial if a is not None else 0 for a in row_adapters)
         if cache and key == self._plan_key:
             return self._plan
-        device = self.model.device
-        if (self.lora_backend or resolve_backend("auto", device)) != "torch":
-            if cache:
-                self._drop_plan()  # the old plan's weight copies go before the new ones are made, not after
-            dtype = self.decode_lora_dtype if cache else self.prefill_lora_dtype
-            plan = make_plan(row_adapters, self.model.config, dtype, device, self.lora_backend)
-        else:
-            # Any new plan may take over pool slots the cached one reads; rebuilding it costs no copies.
+        torch_plan = (self.lora_backend or resolve_backend("auto", self.model.device)) == "torch"
+        # A PyTorch plan may take over pool slots the cached one reads (rebuilding it costs no copies); the
+        # kernels' cached plan goes before the new one is made, not after.
+        if cache or torch_plan:
             self._drop_plan()
-            # Short segments (decode rows, in prefill steps too) are batched GEMVs and use decode's dtype, and
-            # the same pool slots in every kind of step; long ones (prompt chunks) are GEMMs: prefill's dtype.
-            plan = TorchLoraPlan(
-                row_adapters,
-                self.model.config,
-                self.decode_lora_dtype,
-                pool=self.lora_stacks,
-                long_dtype="stacks" if cache else self.prefill_lora_dtype,
-                reuse=cache,
-            )
+        # Short segments (decode rows, in prefill steps too) are batched GEMVs and use decode's dtype, and the
+        # same pool slots in every kind of step; long ones (prompt chunks) are GEMMs: prefill's dtype.
+        plan = make_plan(
+            row_adapters,
+            self.model.config,
+            self.model.device,
+            self.lora_backend,
+            dtype=self.decode_lora_dtype,
+            long_dtype="stacks" if cache else self.prefill_lora_dtype,
+            pool=self.lora_stacks,
+            reuse=cache,
+        )
         if cache:
             self._plan_key, self._plan = key, plan
         return plan

@@ -10,6 +10,7 @@ import torch
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.lora.adapter import LoraAdapter
 from loraplex.shard.lora.cuda_plan import CudaLoraPlan
+from loraplex.shard.lora.stack_pool import StackPool
 from loraplex.shard.lora.torch_plan import TorchLoraPlan
 
 Backend = Literal["torch", "cupy"]
@@ -39,14 +40,18 @@ def resolve_backend(name: str, device: torch.device | str) -> Backend:
 def make_plan(
     row_adapters: Sequence[LoraAdapter | None],
     config: ModelConfig,
-    lora_dtype: torch.dtype | None,
     device: torch.device,
     backend: Backend | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    long_dtype: torch.dtype | Literal["stacks"] | None = "stacks",
+    pool: StackPool | None = None,
+    reuse: bool = True,
 ) -> LoraPlan:
-    """The backend's plan: the CuPy kernels' (``CudaLoraPlan``, which raises ``KernelError`` on a batch it cannot
-    take: never a silent fall-back) or PyTorch's; ``lora_dtype`` is the PyTorch plan's stack dtype (None: the
-    adapters' own); ``backend`` None is ``auto`` for ``device``."""
-    backend = backend or resolve_backend("auto", device)
-    if backend == "cupy":
+    """The backend's plan (``backend`` None: ``auto`` for ``device``): the CuPy kernels' (``CudaLoraPlan``, which
+    raises ``KernelError`` on a batch it cannot take: never a silent fall-back) or PyTorch's, whose stacks are
+    ``pool``'s slots in ``dtype`` (None: the adapters' own) and whose long segments run in ``long_dtype``
+    (``TorchLoraPlan``). The kernels read the adapters' own weights: the other arguments are the PyTorch plan's."""
+    if (backend or resolve_backend("auto", device)) == "cupy":
         return CudaLoraPlan(row_adapters, config, device)
-    return TorchLoraPlan(row_adapters, config, lora_dtype)
+    return TorchLoraPlan(row_adapters, config, dtype, pool=pool, long_dtype=long_dtype, reuse=reuse)

@@ -106,7 +106,7 @@ def test_cuda_plan_matches_the_torch_plan_on_a_model(tmp_path: Path) -> None:
         store.load(name, tmp_path / name)
     adapters = store.acquire(["a", "b"], pinned=set())
     rows = [adapters["a"], None, adapters["b"], adapters["a"]]
-    assert isinstance(make_plan(rows, runner.model.config, None, torch.device("cuda")), CudaLoraPlan)
+    assert isinstance(make_plan(rows, runner.model.config, torch.device("cuda")), CudaLoraPlan)
 
     def logits(use_kernels: bool) -> torch.Tensor:
         runner.lora_backend = "cupy" if use_kernels else "torch"

@@ -11,8 +11,9 @@ import torch
 from loraplex.shard.config import ModelConfig
 from loraplex.shard.lora.adapter import LoraAdapter, ProjectionWeights
 from loraplex.shard.lora.roots import AdapterRoots
+from loraplex.shard.lora.stack_pool import StackPool
 from loraplex.shard.lora.store import AdapterStore
-from loraplex.shard.lora.torch_plan import StackPool, TorchLoraPlan
+from loraplex.shard.lora.torch_plan import TorchLoraPlan
 from loraplex.shard.projections import PROJECTIONS, SITES
 from loraplex.shard.runner import ModelRunner, SequenceState, build_runner
 from tests.factories import tiny_model, write_raw_adapter
