@@ -72,9 +72,7 @@ def sgmv_shrink_cuda(
 ) -> torch.Tensor:  # fmt: skip
     """Split partial sums of ``x[rows[i]] · A_s``: float32 ``[splits, n, max_rank]``, elements past a segment's
     rank unwritten. ``pointers[layer, s]`` is the address of ``weights[s][layer]`` (``SegmentWeights``)."""
-    ptrs = pointers[layer]
-    if ptrs.dtype != torch.int64:
-        raise cuda.KernelError(f"weight pointers must be int64, got {ptrs.dtype}")
+    ptrs = _layer_pointers(pointers, layer)
     parts = cuda.splits_for(_sgmv_blocks(ranks, longest), x.shape[1])
     vp = torch.empty(parts, rows.shape[0], max_rank, dtype=torch.float32, device=x.device)
     cuda.launch_shrink(x, rows, indptr, ptrs, ranks, vp, longest)
@@ -86,10 +84,15 @@ def sgmv_expand_cuda(
     rows: torch.Tensor, indptr: torch.Tensor, ranks: torch.Tensor, longest: int,
 ) -> None:  # fmt: skip
     """``y[rows[i]] += (sum_p v[p, i, :r_s]) · B_s`` in place; ``y`` may be a column slice of a fused output."""
-    ptrs = pointers[layer]
-    if ptrs.dtype != torch.int64:
-        raise cuda.KernelError(f"weight pointers must be int64, got {ptrs.dtype}")
+    ptrs = _layer_pointers(pointers, layer)
     cuda.launch_expand(y, v, rows, indptr, ptrs, ranks, longest)
+
+
+def _layer_pointers(pointers: torch.Tensor, layer: int) -> torch.Tensor:
+    """Each segment's weight address at ``layer`` (``SegmentWeights.pointers``)."""
+    if pointers.dtype != torch.int64:
+        raise cuda.KernelError(f"weight pointers must be int64, got {pointers.dtype}")
+    return pointers[layer]
 
 
 def bgmv_shrink_cuda(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

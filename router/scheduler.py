@@ -134,14 +134,21 @@ class Scheduler:
         """Waiting requests that join now (``router/admission.py``), each with the prompt tokens it runs."""
         now = time.monotonic()
         budget = self.settings.max_batch_prefill_tokens if budget is None else budget
+        costs: dict[InFlightRequest, int] = {}  # one prefix lookup a request and step, for the order and the budget
+
+        def to_compute(e: InFlightRequest) -> int:
+            if e not in costs:
+                costs[e] = self._to_compute(e)
+            return costs[e]
+
         if self.prefix is not None:
             admission.cached_first(
-                self.waiting, lambda e: self._to_compute(e) < e.length,
+                self.waiting, lambda e: to_compute(e) < e.length,
                 patience=self.settings.cached_prefix_patience, window=self.settings.max_batch_size,
             )  # fmt: skip
         passed = admission.admit(
             self.waiting, self.running, self.settings, self.kv, adapter_slots=self.adapter_slots, budget=budget,
-            chunked=chunked, one_at_a_time=self._kv_hold, now=now, to_compute=self._to_compute,
+            chunked=chunked, one_at_a_time=self._kv_hold, now=now, to_compute=to_compute,
         )  # fmt: skip
         for e in passed.cancelled:
             self._finish(e, None)

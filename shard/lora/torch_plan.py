@@ -94,10 +94,7 @@ class TorchLoraPlan:
                 names = tuple(p.name for p in projs)
                 banks: dict[Widths, list[LoraAdapter]] = {}
                 for adapter in short:
-                    widths = tuple(
-                        (p, rank_bucket(adapter.projections[p].rank)) for p in names if p in adapter.projections
-                    )
-                    if widths:
+                    if widths := _widths(adapter, names):
                         banks.setdefault(widths, []).append(adapter)
                 self._stacked[site] = []
                 for widths, members in banks.items():
@@ -180,13 +177,7 @@ class TorchLoraPlan:
             None if back is None else index(back),
             first,
         )
-        expands = []
-        col = 0
-        for p, width in bank.widths:
-            out = bank.out[p]
-            expands.append(_Expand(bs[p], slice(col, col + width), slice(offsets[p], offsets[p] + out)))
-            col += width
-        return _Stacked(layout, a, tuple(expands))
+        return _Stacked(layout, a, _expands(bank.widths, bs, offsets))
 
     def _stack_long(
         self,
@@ -200,9 +191,7 @@ class TorchLoraPlan:
         chunk a copy of its adapter's weights: many prompts in one step are then one ``bmm`` per site."""
         groups: dict[Widths, list[LoraAdapter]] = {}
         for adapter in long:
-            own = adapter.projections
-            widths = tuple((p, rank_bucket(own[p].rank)) for p in names if p in own)
-            if widths:
+            if widths := _widths(adapter, names):
                 groups.setdefault(widths, []).append(adapter)
         stacked = []
         for widths, members in groups.items():
@@ -228,12 +217,7 @@ class TorchLoraPlan:
                     a[:, chunk, :, col : col + weights.rank] = weights.a
                     bs[p][:, chunk, : weights.rank] = weights.b
                     col += w
-            expands, col = [], 0
-            for p, w in widths:
-                out = bs[p].shape[-1]
-                expands.append(_Expand(bs[p], slice(col, col + w), slice(offsets[p], offsets[p] + out)))
-                col += w
-            stacked.append(_Stacked(segs, a, tuple(expands)))
+            stacked.append(_Stacked(segs, a, _expands(widths, bs, offsets)))
         return stacked
 
     def _solo_of(
@@ -271,7 +255,7 @@ class TorchLoraPlan:
 
     def apply(self, site: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add every row's LoRA delta for ``site`` at ``layer`` into the fused base output ``y``."""
-        if self._epoch != self._pool.epoch:
+        if self.stale:
             raise RuntimeError("this LoRA plan's stacks were reused by a later plan; build it again")
         for group in self._stacked[site]:
             v = sgmv_shrink(gather_rows(x, group.layout), group.a[layer])
@@ -285,6 +269,20 @@ class TorchLoraPlan:
                     y[solo.rows, cols].add_(out)
                 else:
                     y[:, cols].index_add_(0, solo.rows, out)
+
+
+def _widths(adapter: LoraAdapter, names: tuple[str, ...]) -> Widths:
+    """The site's projections the adapter has, each with its stack width: what adapters sharing a stack share."""
+    return tuple((p, rank_bucket(adapter.projections[p].rank)) for p in names if p in adapter.projections)
+
+
+def _expands(widths: Widths, bs: dict[str, torch.Tensor], offsets: dict[str, int]) -> tuple[_Expand, ...]:
+    """Each projection's B stack, its columns in the shared shrink's output and in the site's fused output."""
+    expands, col = [], 0
+    for p, width in widths:
+        expands.append(_Expand(bs[p], slice(col, col + width), slice(offsets[p], offsets[p] + bs[p].shape[-1])))
+        col += width
+    return tuple(expands)
 
 
 def _chunk_len(lengths: Sequence[int]) -> int:

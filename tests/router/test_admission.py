@@ -8,12 +8,14 @@ import time
 from collections import deque
 from typing import Any
 
+import pytest
+
 from loraplex.router import admission
 from loraplex.router.inflight import InFlightRequest
 from loraplex.router.metrics import Metrics
 from loraplex.router.prefix_estimate import PrefixEstimate
 from loraplex.router.scheduler import Scheduler
-from loraplex.router.settings import RouterSettings
+from loraplex.router.settings import RouterSettings, settings_from_args
 from loraplex.router.shards import ShardClients
 from loraplex.router.validation import validate_parameters
 
@@ -117,3 +119,12 @@ def test_a_step_takes_requests_whose_shared_prefix_is_cached_before_those_that_m
 
     assert admitted(2.0) == [(3, 4), (4, 4), (1, 40)]  # both cached ones run their last 4 tokens, then a chunk
     assert admitted(0.0) == [(1, 44), (2, 4)]  # arrival order: the cached ones wait behind 88 tokens of prompt
+
+
+def test_the_patience_flags_take_seconds_and_refuse_negative_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert settings_from_args(["--cached-prefix-patience", "0.5"]).cached_prefix_patience == 0.5
+    assert RouterSettings().cached_prefix_patience == 2.0
+    for flag in ("--cached-prefix-patience", "--adapter-slot-patience"):
+        with pytest.raises(SystemExit):
+            settings_from_args([flag, "-1"])
+        assert "must be 0 or positive" in capsys.readouterr().err
